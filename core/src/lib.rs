@@ -1,0 +1,82 @@
+//! # probe-core
+//!
+//! The concurrency core of a dynamic-instrumentation system — what Linux calls uprobes and
+//! kprobes — for embedding in a kernel, a hypervisor or a process. `#![no_std]` with `alloc`.
+//!
+//! The embedder owns memory, threads, traps and time. probe-core owns the data structures and
+//! protocols that stay correct while many CPUs hit probes and others register and unregister
+//! them at the same moment:
+//!
+//! * [`registry`] — probes by (object, offset), consumers, reference counts, two-phase
+//!   unregister. The hit path ([`registry::Registry::read`] → lookup → consumers) takes no lock
+//!   and writes no shared memory.
+//! * [`tree`] — the copy-on-write B-tree behind it: lock-free, store-free, bounded lookups.
+//! * [`rcu`] — the read-side/grace-period abstraction every embedder plugs its own RCU into, with
+//!   a crossbeam-epoch default and a small slot-based implementation that loom checks.
+//! * [`seqcount`] — the sequence counter that speculative address resolution is built on.
+//! * [`lock`] — the raw-lock trait, a spinlock, and the hashed per-object lock table.
+//! * [`sync`] — the one facade over atomics and fences (loom under `--cfg loom`).
+//! * [`error`] — one error type, a variant per bad input.
+//!
+//! Every protocol is model-checked under loom in the `probe-loom-tests` package, each model with a
+//! seeded bug that it must catch. ARCHITECTURE.md maps each invariant to its model.
+//!
+//! # Quick start
+//!
+//! ```
+//! use probe_core::prelude::*;
+//! use std::sync::Arc;
+//!
+//! let reg: Registry<dyn Fn() + Send + Sync, EpochRcu> = Registry::new(EpochRcu::new());
+//! let key = ProbeKey::new(ObjectId(7), 0x40);
+//! reg.register(key, Arc::new(|| println!("hit"))).unwrap();
+//!
+//! let reader = reg.rcu().register().unwrap();
+//! let guard = reg.read(&reader);
+//! for consumer in guard.lookup(&key).unwrap().consumers() {
+//!     consumer();
+//! }
+//! ```
+//!
+//! # Features
+//!
+//! * `std` — conveniences that need the standard library ([`lock::YieldRelax`]). Never needed
+//!   for correctness; the crate is `no_std` without it (CI proves it by linking it into a
+//!   `no_std` staticlib with its own panic handler).
+
+#![no_std]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod error;
+pub mod lock;
+pub mod probe;
+pub mod rcu;
+pub mod registry;
+pub mod seqcount;
+pub mod sync;
+pub mod tree;
+
+mod alloc_util;
+
+#[cfg(loom)]
+pub mod seeded;
+
+#[cfg(all(test, not(loom)))]
+mod tests;
+
+pub use error::{Error, Result};
+
+/// The names most embedders need.
+pub mod prelude {
+    pub use crate::error::{Error, Result};
+    pub use crate::lock::{LockTable, RawLock, SpinLock};
+    pub use crate::probe::{ObjectId, Probe, ProbeKey};
+    #[cfg(not(loom))]
+    pub use crate::rcu::EpochRcu;
+    pub use crate::rcu::{Rcu, SlotRcu};
+    pub use crate::registry::{ProbeRef, ProbeView, ReadGuard, Registry};
+}

@@ -1,0 +1,344 @@
+//! [`SlotRcu`]: a small RCU with one announcement slot per reader.
+//!
+//! # Algorithm
+//!
+//! Each registered reader owns a slot, alone on its cache line, holding a counter that is odd
+//! while the reader is inside a read section. Entering makes it odd; leaving makes it even.
+//!
+//! ```text
+//!  reader                                  updater
+//!  ------                                  -------
+//!  slot = odd         (Relaxed)            unlink: ptr = new   (Release)
+//!  fence(SeqCst)      [R-enter]            fence(SeqCst)       [U-scan]
+//!  p = ptr            (Acquire)            for each slot: s = slot (Acquire)
+//!  ... use *p ...                              if s odd: wait until slot != s (Acquire)
+//!  slot = even        (Release) [R-exit]   run callbacks queued before the scan
+//! ```
+//!
+//! * **R-enter / U-scan** are a store→load handshake (Dekker): with a SeqCst fence on both sides,
+//!   either the reader's pointer load sees the unlink, or the updater's scan sees the odd slot and
+//!   waits. Loom models SeqCst fences, not SeqCst loads and stores, so the handshake is written
+//!   with fences.
+//! * **R-exit** is a release store read by the updater's acquire load: everything the reader did
+//!   with `*p` happens-before the updater's free.
+//! * The updater waits for the slot to *change*, not to become even: a reader that leaves and
+//!   re-enters has made it odd again, but its new section started after the unlink and cannot see
+//!   the old pointer. So a grace period is bounded by the longest section in flight, never starved
+//!   by a reader that keeps re-entering.
+//!
+//! A reader handle registered with a *different* domain still gets a correct guard: it is counted
+//! in this domain's shared overflow counter (a read-modify-write on a shared line — correct, not
+//! fast, and never allocating). Deferred callbacks go on a lock-free stack through their own link
+//! (`defer` never blocks or allocates, so it may be called inside a read section);
+//! `synchronize` takes the whole stack, waits for one grace period and runs them. An embedder
+//! calls `synchronize` from a context outside any read section (a worker, a timer), as a kernel
+//! runs RCU callbacks from softirq.
+//!
+//! # Invariants
+//!
+//! * A slot's counter is written only by the reader that owns it (`in_use`), so the read side
+//!   never writes a line another reader writes.
+//! * Slots are freed only when the domain is dropped; readers borrow the domain, so none is left.
+//! * Every callback on the pending stack was queued before the scan that runs it started.
+
+use super::{Deferred, DeferredNode, Rcu};
+use crate::alloc_util::try_box;
+use crate::lock::CachePadded;
+use crate::sync::{AtomicBool, AtomicPtr, AtomicUsize, Ordering, fence, spin_loop};
+use core::cell::Cell;
+use core::marker::PhantomData;
+use core::ptr;
+
+struct Slot {
+    /// Odd while the owner is inside a read section.
+    state: AtomicUsize,
+    /// Owned by a reader.
+    in_use: AtomicBool,
+    /// Next slot; immutable after the slot is published.
+    next: *mut CachePadded<Slot>,
+}
+
+/// An RCU domain with one announcement slot per reader. See the [module docs](self).
+///
+/// # Example
+///
+/// ```
+/// use probe_core::rcu::{Deferred, Rcu, SlotRcu};
+/// use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
+///
+/// let rcu = SlotRcu::new();
+/// let reader = rcu.register().unwrap();
+/// let freed = Arc::new(AtomicBool::new(false));
+/// {
+///     let _guard = rcu.read_lock(&reader);
+///     let f = freed.clone();
+///     rcu.defer(Deferred::new(move || f.store(true, Ordering::SeqCst)).unwrap());
+///     assert!(!freed.load(Ordering::SeqCst)); // never inside a read section
+/// }
+/// rcu.synchronize(); // one grace period, then the queued callback runs
+/// assert!(freed.load(Ordering::SeqCst));
+/// ```
+pub struct SlotRcu {
+    slots: AtomicPtr<CachePadded<Slot>>,
+    pending: AtomicPtr<DeferredNode>,
+    /// Readers of other domains inside a read section of this one.
+    overflow: CachePadded<AtomicUsize>,
+}
+
+// SAFETY: the raw pointers are to slots and callbacks owned by the domain and accessed only
+// through atomics (slots) or by the single thread that swapped them off the stack (callbacks,
+// which are `Send`).
+unsafe impl Send for SlotRcu {}
+// SAFETY: as above; every shared access is atomic.
+unsafe impl Sync for SlotRcu {}
+
+impl Default for SlotRcu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for SlotRcu {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SlotRcu").finish_non_exhaustive()
+    }
+}
+
+/// A reader's handle on a [`SlotRcu`]: its slot and its nesting depth.
+///
+/// `Send` (a reader may migrate between threads) but not `Sync`: one handle serves one thread at
+/// a time, as a per-CPU structure serves one CPU.
+pub struct SlotReader<'d> {
+    slot: &'d Slot,
+    domain: &'d SlotRcu,
+    nest: Cell<usize>,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+// SAFETY: moving the handle moves the ownership of its slot; the slot is only written by the
+// handle's owner, and the handle is not `Sync`.
+unsafe impl Send for SlotReader<'_> {}
+
+impl core::fmt::Debug for SlotReader<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SlotReader").field("nest", &self.nest.get()).finish()
+    }
+}
+
+/// An open read section of a [`SlotRcu`].
+pub struct SlotGuard<'r> {
+    how: Entered<'r>,
+}
+
+enum Entered<'r> {
+    /// Through the reader's own slot.
+    Slot(&'r SlotReader<'r>),
+    /// Through the domain's overflow counter (the reader belonged to another domain).
+    Overflow(&'r SlotRcu),
+}
+
+impl core::fmt::Debug for SlotGuard<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SlotGuard").finish_non_exhaustive()
+    }
+}
+
+impl SlotRcu {
+    /// An empty domain.
+    pub fn new() -> Self {
+        Self {
+            slots: AtomicPtr::new(ptr::null_mut()),
+            pending: AtomicPtr::new(ptr::null_mut()),
+            overflow: CachePadded::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn reader_for<'d>(&'d self, slot: &'d Slot) -> SlotReader<'d> {
+        SlotReader { slot, domain: self, nest: Cell::new(0), _not_sync: PhantomData }
+    }
+
+    /// Waits until every read section that was open when this was called has ended.
+    fn wait_for_readers(&self) {
+        // U-scan. Pairs with the SeqCst fence in `enter` (R-enter): either that reader sees our
+        // unlink, or we see its odd counter below.
+        fence(Ordering::SeqCst);
+        #[cfg(loom)]
+        if crate::seeded::is(crate::seeded::Bug::RcuNoGracePeriod) {
+            return;
+        }
+        // Acquire pairs with the Release CAS that published each slot in `register`.
+        let mut p = self.slots.load(Ordering::Acquire);
+        while !p.is_null() {
+            // SAFETY: slots are freed only when the domain is dropped.
+            let slot = unsafe { &*p };
+            // Acquire pairs with the Release store in `exit` (R-exit).
+            let s = slot.state.load(Ordering::Acquire);
+            if s & 1 == 1 {
+                // Acquire: as above.
+                while slot.state.load(Ordering::Acquire) == s {
+                    spin_loop();
+                }
+            }
+            p = slot.next;
+        }
+        // Foreign readers: a count, so wait for it to drain. Acquire pairs with the Release
+        // decrement in `SlotGuard::drop`.
+        while self.overflow.load(Ordering::Acquire) != 0 {
+            spin_loop();
+        }
+    }
+}
+
+// SAFETY: `defer` queues callbacks that `synchronize` runs only after `wait_for_readers`, which
+// returns only after every section open at its start ended (module docs: the R-enter/U-scan
+// handshake and the R-exit release). A guard from a foreign reader is counted in this domain's
+// overflow counter, which the scan also waits for (guarantee 3).
+unsafe impl Rcu for SlotRcu {
+    type Reader<'d> = SlotReader<'d>;
+    type Guard<'r> = SlotGuard<'r>;
+
+    fn register(&self) -> crate::Result<SlotReader<'_>> {
+        // Reuse a returned slot first.
+        // Acquire pairs with the Release CAS that published each slot.
+        let mut p = self.slots.load(Ordering::Acquire);
+        while !p.is_null() {
+            // SAFETY: slots are freed only when the domain is dropped.
+            let slot = unsafe { &*p };
+            // Acquire pairs with the Release store in `SlotReader::drop`: the previous owner's
+            // last section is over before the new owner touches the counter.
+            if slot.in_use.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                return Ok(self.reader_for(slot));
+            }
+            p = slot.next;
+        }
+        let fresh = alloc::boxed::Box::into_raw(try_box(CachePadded::new(Slot {
+            state: AtomicUsize::new(0),
+            in_use: AtomicBool::new(true),
+            next: ptr::null_mut(),
+        }))?);
+        // Relaxed: re-read by the CAS below.
+        let mut head = self.slots.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `fresh` is not published yet; we own it.
+            unsafe { (&mut *fresh).next = head };
+            // Release publishes the slot's fields (pairs with the Acquire loads that walk the
+            // list, here and in `wait_for_readers`).
+            match self.slots.compare_exchange(head, fresh, Ordering::Release, Ordering::Relaxed) {
+                // SAFETY: published, and freed only when the domain is dropped.
+                Ok(_) => return Ok(self.reader_for(unsafe { &*fresh })),
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    #[inline]
+    fn read_lock<'r>(&'r self, reader: &'r SlotReader<'_>) -> SlotGuard<'r> {
+        if !ptr::eq(reader.domain, self) {
+            self.overflow.fetch_add(1, Ordering::Relaxed);
+            // R-enter for the overflow counter; pairs with U-scan as for a slot.
+            fence(Ordering::SeqCst);
+            return SlotGuard { how: Entered::Overflow(self) };
+        }
+        // Lifetime shortening: a `&'r SlotReader<'d>` with 'd: 'r is a `&'r SlotReader<'r>`
+        // (the handle is covariant in its domain borrow).
+        let reader: &'r SlotReader<'r> = reader;
+        enter(reader);
+        SlotGuard { how: Entered::Slot(reader) }
+    }
+
+    fn defer(&self, f: Deferred) {
+        let node = f.into_raw();
+        // Relaxed: re-read by the CAS.
+        let mut head = self.pending.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `node` is not published yet; we own it.
+            unsafe { (*node).next = head };
+            // Release publishes the node (pairs with the Acquire swap in `synchronize`).
+            match self.pending.compare_exchange(head, node, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    fn synchronize(&self) {
+        // Take the callbacks queued so far *before* the scan: each was queued after its object
+        // was unlinked, so the scan below covers every reader that could still see it.
+        // Acquire pairs with the Release CAS in `defer`.
+        let mut p = self.pending.swap(ptr::null_mut(), Ordering::Acquire);
+        self.wait_for_readers();
+        while !p.is_null() {
+            // SAFETY: we swapped the whole stack off, so we own every node on it.
+            let next = unsafe { (*p).next };
+            // SAFETY: as above; each node came from `Deferred::into_raw` in `defer`.
+            let d = unsafe { Deferred::from_raw(p) };
+            p = next;
+            d.run();
+        }
+    }
+}
+
+#[inline]
+fn enter(reader: &SlotReader<'_>) {
+    let n = reader.nest.get();
+    reader.nest.set(n + 1);
+    if n == 0 {
+        // Relaxed: only this reader writes its slot; ordered by the fence below.
+        let s = reader.slot.state.load(Ordering::Relaxed);
+        reader.slot.state.store(s.wrapping_add(1), Ordering::Relaxed);
+        #[cfg(loom)]
+        let skip = crate::seeded::is(crate::seeded::Bug::RcuReaderNoFence);
+        #[cfg(not(loom))]
+        let skip = false;
+        if !skip {
+            // R-enter. Pairs with the SeqCst fence in `wait_for_readers` (U-scan).
+            fence(Ordering::SeqCst);
+        }
+    }
+}
+
+#[inline]
+fn exit(reader: &SlotReader<'_>) {
+    let n = reader.nest.get() - 1;
+    reader.nest.set(n);
+    if n == 0 {
+        // Relaxed load: only this reader writes its slot.
+        let s = reader.slot.state.load(Ordering::Relaxed);
+        // R-exit. Release pairs with the Acquire loads in `wait_for_readers`.
+        reader.slot.state.store(s.wrapping_add(1), Ordering::Release);
+    }
+}
+
+impl Drop for SlotGuard<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        match self.how {
+            Entered::Slot(r) => exit(r),
+            // Release pairs with the Acquire load of `overflow` in `wait_for_readers`.
+            Entered::Overflow(d) => {
+                d.overflow.fetch_sub(1, Ordering::Release);
+            }
+        }
+    }
+}
+
+impl Drop for SlotReader<'_> {
+    fn drop(&mut self) {
+        // Release pairs with the Acquire CAS in `register`: the next owner starts after us.
+        self.slot.in_use.store(false, Ordering::Release);
+    }
+}
+
+impl Drop for SlotRcu {
+    fn drop(&mut self) {
+        // Readers borrow the domain, so none is left: run what is still queued, free the slots.
+        self.synchronize();
+        // Relaxed: `&mut self`, no other thread can see the domain.
+        let mut p = self.slots.load(Ordering::Relaxed);
+        while !p.is_null() {
+            // SAFETY: every slot was boxed by `register` and is freed only here.
+            let slot = unsafe { alloc::boxed::Box::from_raw(p) };
+            p = slot.next;
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! The probe registry: the probe tree, its consumers and their lifetimes, behind a safe API.
+//!
+//! # Who takes what
+//!
+//! | operation | locks | grace period |
+//! |---|---|---|
+//! | hit: [`Registry::read`] → [`ReadGuard::lookup`] → [`ProbeView::consumers`] | none; no shared store | — |
+//! | [`Registry::register`] / [`Registry::unregister`] | the object's hashed lock, then the tree lock briefly | deferred (never waits) |
+//! | [`Registry::sync`] | none | waits for one |
+//! | final put of a probe ([`ProbeRef`] drop, last unregister) | the tree lock briefly | deferred |
+//!
+//! Registration and unregistration of one object are serialized by that object's slot in the
+//! hashed [`LockTable`] (seed 000): the rest of a registration — installing breakpoints in every
+//! address space that maps the object — happens under it. The tree lock is held only to look up
+//! and to publish a new root: a few node copies.
+//!
+//! # Two-phase unregister
+//!
+//! [`Registry::unregister`] removes the consumer at once (publishes a list without it) but does
+//! not wait: a hit that loaded the old list a moment ago may still call it. [`Registry::sync`]
+//! waits one grace period, after which no hit can call any consumer unregistered before the
+//! `sync` began. Unregister a thousand consumers, then `sync` once: one grace period for all.
+//!
+//! # Example
+//!
+//! ```
+//! use probe_core::probe::{ObjectId, ProbeKey};
+//! use probe_core::rcu::{EpochRcu, Rcu};
+//! use probe_core::registry::Registry;
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//!
+//! // A consumer is anything `Send + Sync`; here, a closure counting hits in its own counter.
+//! type Consumer = dyn Fn(u64) + Send + Sync;
+//! let reg: Registry<Consumer, EpochRcu> = Registry::new(EpochRcu::new());
+//!
+//! let libc = ObjectId(0x1234); // an inode number, say
+//! let key = ProbeKey::new(libc, 0x9a40);
+//! let hits = Arc::new(AtomicU64::new(0));
+//! let h = hits.clone();
+//! let consumer: Arc<Consumer> = Arc::new(move |_ip| { h.fetch_add(1, Ordering::Relaxed); });
+//! reg.register(key, consumer.clone()).unwrap();
+//!
+//! // The hit path: per-thread reader, guard, lookup, traverse. No lock, no shared store.
+//! let reader = reg.rcu().register().unwrap();
+//! {
+//!     let guard = reg.read(&reader);
+//!     let probe = guard.lookup(&key).expect("registered");
+//!     for c in probe.consumers() {
+//!         c(0x7f00_0000_9a40);
+//!     }
+//! }
+//! assert_eq!(hits.load(Ordering::Relaxed), 1);
+//!
+//! // Two-phase unregister: remove now, wait once.
+//! reg.unregister(&key, &consumer).unwrap();
+//! reg.sync();
+//! assert!(reg.read(&reader).lookup(&key).is_none());
+//! ```
+
+use crate::alloc_util::{try_box, try_vec_with_capacity};
+use crate::error::{Error, Result};
+use crate::lock::{CachePadded, DEFAULT_LOCK_SLOTS, LockTable, RawGuard, RawLock, SpinLock};
+use crate::probe::{ConsumerList, ObjectId, Probe, ProbeKey};
+use crate::rcu::{Deferred, Rcu};
+use crate::sync::{Ordering, quarantine};
+use crate::tree::ProbeTree;
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use core::fmt;
+use core::ops::Range;
+use core::ptr::{self, NonNull};
+
+/// A raw pointer that may cross threads inside a deferred callback.
+struct SendPtr<T: ?Sized>(*mut T);
+// SAFETY: used only to hand an unreachable object to the callback that frees it.
+unsafe impl<T: ?Sized> Send for SendPtr<T> {}
+
+/// Probes by (object, offset), their consumers, and the locks and RCU domain that keep them
+/// consistent. See the [module docs](self).
+///
+/// `C` is the consumer type (`dyn Fn(..) + Send + Sync`, a struct, a trait object of the
+/// embedder's); `R` the RCU domain; `L` the raw lock for writers; `N` the number of hashed
+/// per-object locks.
+pub struct Registry<C: ?Sized, R: Rcu, L: RawLock = SpinLock, const N: usize = DEFAULT_LOCK_SLOTS> {
+    rcu: R,
+    tree: ProbeTree<Probe<C>>,
+    tree_lock: CachePadded<L>,
+    objects: LockTable<L, N>,
+}
+
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> fmt::Debug for Registry<C, R, L, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").field("probes", &self.tree.len()).finish_non_exhaustive()
+    }
+}
+
+impl<C, R, L, const N: usize> Registry<C, R, L, N>
+where
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock + Default,
+{
+    /// An empty registry over the RCU domain `rcu`.
+    pub fn new(rcu: R) -> Self {
+        Self { rcu, tree: ProbeTree::new(), tree_lock: CachePadded::new(L::default()), objects: LockTable::new() }
+    }
+}
+
+impl<C, R, L, const N: usize> Registry<C, R, L, N>
+where
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+{
+    /// The RCU domain (register readers with it).
+    pub fn rcu(&self) -> &R {
+        &self.rcu
+    }
+
+    /// The lock that serializes writers of `object` (for embedders that install breakpoints
+    /// under it).
+    pub fn object_lock(&self, object: ObjectId) -> &L {
+        self.objects.lock_for(object)
+    }
+
+    /// Number of probes in the tree (dying ones included until their final put removes them).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// `len() == 0`.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Enters a read section: the hit path's entry point.
+    #[inline]
+    pub fn read<'r>(&'r self, reader: &'r R::Reader<'_>) -> ReadGuard<'r, C, R, L, N> {
+        ReadGuard { reg: self, _guard: self.rcu.read_lock(reader) }
+    }
+
+    /// Waits for a grace period: afterwards no hit can call a consumer unregistered before this
+    /// call began, and no reader holds a probe removed before it.
+    pub fn sync(&self) {
+        self.rcu.synchronize();
+    }
+
+    /// Adds `consumer` to the probe at `key`, creating the probe if there is none (or replacing a
+    /// dying one).
+    ///
+    /// # Errors
+    ///
+    /// * [`Error::DuplicateConsumer`] — that consumer (the same `Arc`) is already on the probe.
+    /// * [`Error::NoMemory`] — an allocation failed.
+    ///
+    /// On error nothing changed.
+    pub fn register(&self, key: ProbeKey, consumer: Arc<C>) -> Result<()> {
+        let _object = RawGuard::lock(self.objects.lock_for(key.object));
+        match self.get_live(&key) {
+            Some(p) => {
+                // SAFETY: `get_live` took a reference, so `p` stays allocated until we put it.
+                let probe = unsafe { &*p };
+                match self.add_consumer(probe, consumer) {
+                    // The first consumer: our reference becomes the registration's.
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        // SAFETY: we hold the reference taken by `get_live`.
+                        unsafe { self.put(p) };
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // SAFETY: as above.
+                        unsafe { self.put(p) };
+                        Err(e)
+                    }
+                }
+            }
+            None => self.insert_new(key, consumer),
+        }
+    }
+
+    /// Removes `consumer` from the probe at `key`; removes the probe when it was the last one.
+    /// Does not wait: call [`Registry::sync`] (once for many unregistrations) before freeing
+    /// anything the consumer uses.
+    ///
+    /// # Errors
+    ///
+    /// * [`Error::UnknownProbe`] — no live probe at `key`.
+    /// * [`Error::UnknownConsumer`] — the probe exists but `consumer` is not on it.
+    /// * [`Error::NoMemory`] — an allocation failed.
+    ///
+    /// On error nothing changed.
+    pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
+        let _object = RawGuard::lock(self.objects.lock_for(key.object));
+        let p = self.get_live(key).ok_or(Error::UnknownProbe)?;
+        // SAFETY: `get_live` took a reference.
+        let probe = unsafe { &*p };
+        let r = self.remove_consumer(probe, consumer);
+        // SAFETY: we hold the reference taken by `get_live`.
+        unsafe { self.put(p) };
+        r
+    }
+
+    /// The probe at `key` with a reference taken, unless absent or dying.
+    fn get_live(&self, key: &ProbeKey) -> Option<*const Probe<C>> {
+        let _tree = RawGuard::lock(&*self.tree_lock);
+        // SAFETY: the tree lock is held, so no node or probe reachable from the tree is freed.
+        let p = unsafe { self.tree.get(key) }?;
+        // SAFETY: `p` is in the tree and the tree lock is held: it is allocated.
+        unsafe { &*p }.try_get().then_some(p)
+    }
+
+    /// Publishes a copy of the consumer list with `consumer` appended. `Ok(true)` if it was the
+    /// first. Caller holds the object's lock and a reference.
+    fn add_consumer(&self, probe: &Probe<C>, consumer: Arc<C>) -> Result<bool> {
+        let old = probe.consumer_list();
+        let items = if old.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: the current list under the object's lock: only we could replace it.
+            unsafe { ConsumerList::items(old) }
+        };
+        if items.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
+            return Err(Error::DuplicateConsumer);
+        }
+        let mut v = try_vec_with_capacity(items.len() + 1)?;
+        v.extend(items.iter().cloned());
+        v.push(consumer);
+        let new = Box::into_raw(try_box(ConsumerList::new(v))?);
+        // SAFETY: `new` is ours and unpublished; `old` is the current list, which only we
+        // (holding the object's lock) replace.
+        unsafe { self.publish_consumers(probe, old, new) }.inspect_err(|_| {
+            // SAFETY: `new` was never published.
+            drop(unsafe { Box::from_raw(new) })
+        })?;
+        Ok(old.is_null())
+    }
+
+    /// Publishes a copy of the consumer list without `consumer`; drops the registration's
+    /// reference if it was the last. Caller holds the object's lock and a reference.
+    fn remove_consumer(&self, probe: &Probe<C>, consumer: &Arc<C>) -> Result<()> {
+        let old = probe.consumer_list();
+        let items = if old.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: the current list under the object's lock.
+            unsafe { ConsumerList::items(old) }
+        };
+        let at = items.iter().position(|c| Arc::ptr_eq(c, consumer)).ok_or(Error::UnknownConsumer)?;
+        let new = if items.len() == 1 {
+            ptr::null_mut()
+        } else {
+            let mut v = try_vec_with_capacity(items.len() - 1)?;
+            v.extend(items.iter().enumerate().filter(|&(i, _)| i != at).map(|(_, c)| c.clone()));
+            Box::into_raw(try_box(ConsumerList::new(v))?)
+        };
+        // SAFETY: as in `add_consumer`.
+        unsafe { self.publish_consumers(probe, old, new) }.inspect_err(|_| {
+            if !new.is_null() {
+                // SAFETY: `new` was never published.
+                drop(unsafe { Box::from_raw(new) })
+            }
+        })?;
+        if new.is_null() {
+            // The registration's reference. Not the last: the caller holds one too.
+            // SAFETY: the registration held it (INVARIANT: non-null list ⇒ registration ref).
+            unsafe { self.put(probe) };
+        }
+        Ok(())
+    }
+
+    /// Replaces the probe's list `old` by `new` and defers the free of `old`.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the object's lock; `old` is the probe's current list; `new` is unpublished.
+    unsafe fn publish_consumers(
+        &self,
+        probe: &Probe<C>,
+        old: *mut ConsumerList<C>,
+        new: *mut ConsumerList<C>,
+    ) -> Result<()> {
+        let cb = if old.is_null() {
+            None
+        } else {
+            let old = SendPtr(old);
+            // Allocated before publishing, so failure changes nothing.
+            Some(Deferred::new(move || {
+                let old = old;
+                // SAFETY: a grace period has passed since `old` was replaced.
+                unsafe { free_list(old.0) }
+            })?)
+        };
+        #[cfg(loom)]
+        let order = if crate::seeded::is(crate::seeded::Bug::ConsumerPublishRelaxed) {
+            Ordering::Relaxed
+        } else {
+            Ordering::Release
+        };
+        #[cfg(not(loom))]
+        let order = Ordering::Release;
+        // Release pairs with the Acquire load in `Probe::consumer_list`: the list's contents
+        // were written before its pointer.
+        probe.consumers.store(new, order);
+        if let Some(cb) = cb {
+            #[cfg(loom)]
+            if crate::seeded::is(crate::seeded::Bug::ConsumerFreeEarly) {
+                cb.run();
+                return Ok(());
+            }
+            self.rcu.defer(cb);
+        }
+        Ok(())
+    }
+
+    /// Creates a probe with one consumer and puts it in the tree (over a dying one, if any).
+    /// Caller holds the object's lock.
+    fn insert_new(&self, key: ProbeKey, consumer: Arc<C>) -> Result<()> {
+        let mut v = try_vec_with_capacity(1)?;
+        v.push(consumer);
+        let list = Box::into_raw(try_box(ConsumerList::new(v))?);
+        // INVARIANT: one consumer, so the registration holds the one reference.
+        let probe = match try_box(Probe::new(key, 1, list)) {
+            Ok(b) => Box::into_raw(b),
+            Err(e) => {
+                // SAFETY: never published.
+                drop(unsafe { Box::from_raw(list) });
+                return Err(e);
+            }
+        };
+        let sp = SendPtr(probe);
+        let cb = Deferred::new(move || {
+            let sp = sp;
+            // SAFETY: the probe left the tree and a grace period has passed.
+            unsafe { free_probe(sp.0) }
+        });
+        let cb = match cb {
+            Ok(cb) => cb,
+            Err(e) => {
+                // SAFETY: never published.
+                unsafe { free_probe(probe) };
+                return Err(e);
+            }
+        };
+        // SAFETY: unpublished; we own it.
+        unsafe { (*probe).free_cb.with_mut(|c| *c = Some(cb)) };
+        let replaced = {
+            let _tree = RawGuard::lock(&*self.tree_lock);
+            // SAFETY: tree lock held; the registry's one domain.
+            unsafe { self.tree.insert(&self.rcu, key, probe) }
+        };
+        match replaced {
+            Ok(None) => Ok(()),
+            Ok(Some(dying)) => {
+                // The entry was dying (its final put is on its way, and will find it replaced).
+                // If that final put already gave up removing it (orphaned), freeing is ours.
+                // SAFETY: removed from the tree just now, so still allocated until a grace
+                // period after its free callback is queued.
+                unsafe { self.free_if_orphaned(dying) };
+                Ok(())
+            }
+            Err(e) => {
+                // SAFETY: never published.
+                unsafe { free_probe(probe) };
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops one reference to `p`, running the final put if it was the last.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns one reference to `p`.
+    unsafe fn put(&self, p: *const Probe<C>) {
+        // SAFETY: the caller's reference keeps `p` allocated.
+        if unsafe { &*p }.put() {
+            // SAFETY: we made the count zero: the final put is ours alone.
+            unsafe { self.final_put(p) };
+        }
+    }
+
+    /// The count reached zero: take the probe out of the tree (unless it was replaced) and free
+    /// it after a grace period.
+    ///
+    /// # Safety
+    ///
+    /// The caller made the reference count zero.
+    unsafe fn final_put(&self, p: *const Probe<C>) {
+        // SAFETY: a zero count means no consumer and no holder; the memory is still ours to
+        // free, so it is allocated.
+        let probe = unsafe { &*p };
+        let key = probe.key();
+        {
+            let _tree = RawGuard::lock(&*self.tree_lock);
+            // SAFETY: tree lock held.
+            if unsafe { self.tree.get(&key) } == Some(p) {
+                // SAFETY: tree lock held; the registry's one domain.
+                if unsafe { self.tree.remove(&self.rcu, &key) }.is_err() {
+                    // No memory to copy the path: leave the dying probe in the tree (readers
+                    // treat it as absent) for the next writer of this key to free.
+                    // Relaxed: read and written only under the tree lock.
+                    probe.orphaned.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        // SAFETY: only the final put takes the callback; it runs after a grace period.
+        if let Some(cb) = probe.free_cb.with_mut(|c| unsafe { (*c).take() }) {
+            self.rcu.defer(cb);
+        }
+    }
+
+    /// `dying` was just removed from the tree by a writer; free it if its final put left it
+    /// orphaned.
+    ///
+    /// # Safety
+    ///
+    /// `dying` was in the tree until this moment (so it is allocated).
+    unsafe fn free_if_orphaned(&self, dying: *const Probe<C>) {
+        // SAFETY: the caller's contract.
+        let d = unsafe { &*dying };
+        // Relaxed: `orphaned` is set under the tree lock, which the removal held; this thread
+        // released it after the removal, and the final put (if any) set it before that.
+        if d.orphaned.load(Ordering::Relaxed) {
+            // SAFETY: an orphan's callback is untouched (its final put returned before taking it).
+            if let Some(cb) = d.free_cb.with_mut(|c| unsafe { (*c).take() }) {
+                self.rcu.defer(cb);
+            }
+        }
+    }
+}
+
+/// Frees a consumer list.
+///
+/// # Safety
+///
+/// `l` was boxed by the registry and no reader can reach it.
+unsafe fn free_list<C: ?Sized>(l: *mut ConsumerList<C>) {
+    // SAFETY: the caller's contract.
+    let b = unsafe { Box::from_raw(l) };
+    b.free_check.mark_freed();
+    quarantine(b);
+}
+
+/// Frees a probe and its consumer list (empty by then, unless the probe was never published).
+///
+/// # Safety
+///
+/// `p` was boxed by the registry and no reader can reach it.
+unsafe fn free_probe<C: ?Sized>(p: *mut Probe<C>) {
+    // SAFETY: the caller's contract.
+    let b = unsafe { Box::from_raw(p) };
+    b.free_check.mark_freed();
+    // Relaxed: no other thread can reach the probe.
+    let l = b.consumers.load(Ordering::Relaxed);
+    if !l.is_null() {
+        // SAFETY: the probe owned its current list.
+        unsafe { free_list(l) };
+    }
+    quarantine(b);
+}
+
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Drop for Registry<C, R, L, N> {
+    fn drop(&mut self) {
+        // `&mut self`: no reader, no `ProbeRef` (they borrow the registry). Free every probe
+        // still in the tree; the tree frees its own nodes, the domain runs what is queued.
+        // SAFETY: exclusive access. Freeing a probe does not touch the tree's nodes (the tree
+        // stores pointers only), and each probe is in the tree once.
+        unsafe {
+            self.tree.for_each(|_, p| {
+                free_probe(p as *mut Probe<C>);
+                true
+            })
+        };
+    }
+}
+
+/// An open read section of a [`Registry`]: what a hit holds while it looks up and runs consumers.
+pub struct ReadGuard<'r, C: ?Sized, R: Rcu + 'r, L: RawLock, const N: usize> {
+    reg: &'r Registry<C, R, L, N>,
+    _guard: R::Guard<'r>,
+}
+
+impl<'r, C, R, L, const N: usize> ReadGuard<'r, C, R, L, N>
+where
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu + 'r,
+    L: RawLock,
+{
+    /// The probe at `key`, if any. Lock-free, store-free, bounded.
+    ///
+    /// A dying probe (see [`Probe::is_dying`]) is returned too; it has no consumers.
+    #[inline]
+    pub fn lookup(&self, key: &ProbeKey) -> Option<ProbeView<'_, C, R, L, N>> {
+        // SAFETY: `self` holds a read guard of the domain the tree's writers retire through.
+        let p = unsafe { self.reg.tree.get(key) }?;
+        // SAFETY: reached under the guard: allocated until the guard ends (a grace period after
+        // it leaves the tree).
+        Some(ProbeView { reg: self.reg, probe: unsafe { &*p } })
+    }
+
+    /// Calls `f` on every probe of `object` with offset in `offsets`, in offset order, until `f`
+    /// returns `false`. This is what mapping a range of an object into an address space needs.
+    pub fn probes_in(&self, object: ObjectId, offsets: Range<u64>, mut f: impl FnMut(ProbeView<'_, C, R, L, N>) -> bool) {
+        let lo = ProbeKey::new(object, offsets.start);
+        let hi = ProbeKey::new(object, offsets.end);
+        // SAFETY: as in `lookup`.
+        unsafe {
+            self.reg.tree.range(&lo, &hi, |_, p| f(ProbeView { reg: self.reg, probe: &*p }));
+        }
+    }
+}
+
+/// A probe seen inside a read section; valid for the guard's lifetime.
+pub struct ProbeView<'g, C: ?Sized, R: Rcu, L: RawLock, const N: usize> {
+    reg: &'g Registry<C, R, L, N>,
+    probe: &'g Probe<C>,
+}
+
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Clone for ProbeView<'_, C, R, L, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Copy for ProbeView<'_, C, R, L, N> {}
+
+impl<'g, C, R, L, const N: usize> ProbeView<'g, C, R, L, N>
+where
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+{
+    /// The probe.
+    #[inline]
+    pub fn probe(&self) -> &'g Probe<C> {
+        self.probe
+    }
+
+    /// Where the probe is.
+    #[inline]
+    pub fn key(&self) -> ProbeKey {
+        self.probe.key()
+    }
+
+    /// The consumers to call, as of now. No reference count is touched.
+    #[inline]
+    pub fn consumers(&self) -> &'g [Arc<C>] {
+        let l = self.probe.consumer_list();
+        if l.is_null() {
+            return &[];
+        }
+        // SAFETY: loaded under the read guard that `'g` borrows: a list replaced after this load
+        // is freed only after the guard ends.
+        unsafe { ConsumerList::items(l) }
+    }
+
+    /// A counted reference that outlives the read section (increment-not-zero). `None` if the
+    /// probe is dying.
+    #[inline]
+    pub fn get(&self) -> Option<ProbeRef<'g, C, R, L, N>> {
+        self.probe
+            .try_get()
+            .then(|| ProbeRef { reg: self.reg, probe: NonNull::from(self.probe) })
+    }
+}
+
+/// A counted reference to a probe: keeps it allocated beyond any read section.
+///
+/// Dropping the last reference of a probe that has no consumers removes it from the tree
+/// (taking the tree lock briefly) and frees it after a grace period — so do not drop one inside
+/// a context that must not take the registry's raw lock.
+pub struct ProbeRef<'a, C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> {
+    reg: &'a Registry<C, R, L, N>,
+    probe: NonNull<Probe<C>>,
+}
+
+// SAFETY: a counted reference to a `Sync` probe in a `Sync` registry; dropping it from another
+// thread runs the same final put as anywhere.
+unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Send for ProbeRef<'_, C, R, L, N> {}
+// SAFETY: shared access only reads.
+unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Sync for ProbeRef<'_, C, R, L, N> {}
+
+impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> core::ops::Deref for ProbeRef<'_, C, R, L, N> {
+    type Target = Probe<C>;
+    fn deref(&self) -> &Probe<C> {
+        // SAFETY: the reference count keeps the probe allocated.
+        let p = unsafe { self.probe.as_ref() };
+        p.free_check.check();
+        p
+    }
+}
+
+impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> Drop for ProbeRef<'_, C, R, L, N> {
+    fn drop(&mut self) {
+        // SAFETY: we own one reference.
+        unsafe { self.reg.put(self.probe.as_ptr()) }
+    }
+}
+
+impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> fmt::Debug for ProbeRef<'_, C, R, L, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}

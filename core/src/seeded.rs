@@ -1,0 +1,56 @@
+//! Seeded bugs for the loom suite (compiled only under `cfg(loom)`).
+//!
+//! A model that cannot fail proves nothing, so every loom model in `loom-tests` is run twice: once
+//! on the real protocol, and once with one deliberate bug switched on here, where it must fail
+//! (`#[should_panic]`). The knob is thread-local: loom runs a model's threads as coroutines on the
+//! test's own OS thread, so concurrently running tests never see each other's bug.
+//!
+//! None of this exists outside `cfg(loom)`; release and test builds contain no knob.
+
+extern crate std;
+use std::cell::Cell;
+
+/// One deliberate mistake in one protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bug {
+    /// The real code.
+    None,
+    /// `SeqCount` writer: the begin-increment is not ordered before the data stores (no release
+    /// fence after it) — the mistake Jann Horn pointed out in the 2024 speculative-uprobe series.
+    SeqWriterBeginUnordered,
+    /// `SeqCount` reader: `begin` accepts an odd sequence (a writer is inside).
+    SeqReaderAcceptsOdd,
+    /// `SeqCount` reader: the re-check has no acquire fence before it.
+    SeqReaderNoFence,
+    /// RCU: `synchronize` returns without waiting for readers (free before the grace period).
+    RcuNoGracePeriod,
+    /// RCU: the reader announces itself without the full fence (store→load reordering).
+    RcuReaderNoFence,
+    /// Probe refcount: a plain increment instead of increment-not-zero resurrects a dying probe.
+    RefcountPlainInc,
+    /// Tree: the new root is published with a relaxed store instead of release.
+    TreePublishRelaxed,
+    /// Tree: replaced nodes are freed at once instead of after a grace period.
+    TreeFreeNodesEarly,
+    /// Consumers: the removed consumer list is freed at once instead of after a grace period.
+    ConsumerFreeEarly,
+    /// Consumers: the new consumer list is published with a relaxed store instead of release.
+    ConsumerPublishRelaxed,
+    /// Spinlock: unlock with a relaxed store instead of release.
+    LockUnlockRelaxed,
+}
+
+std::thread_local! {
+    static ACTIVE: Cell<Bug> = const { Cell::new(Bug::None) };
+}
+
+/// Switches `bug` on for the current thread (and so for every loom model it runs).
+pub fn set(bug: Bug) {
+    ACTIVE.with(|b| b.set(bug));
+}
+
+/// Is `bug` switched on?
+#[inline]
+pub fn is(bug: Bug) -> bool {
+    ACTIVE.with(|b| b.get() == bug)
+}
