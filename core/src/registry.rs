@@ -501,6 +501,17 @@ where
         Some(ProbeView { reg: self.reg, probe: unsafe { &*p } })
     }
 
+    /// A counted reference to `probe` that outlives this read section (increment-not-zero).
+    ///
+    /// `None` if the probe is dying, or if `probe` was seen through another registry.
+    #[inline]
+    pub fn hold(&self, probe: ProbeView<'_, C, R, L, N>) -> Option<ProbeRef<'r, C, R, L, N>> {
+        if !core::ptr::eq(probe.reg, self.reg) {
+            return None;
+        }
+        probe.probe.try_get().then(|| ProbeRef { reg: self.reg, probe: NonNull::from(probe.probe) })
+    }
+
     /// Calls `f` on every probe of `object` with offset in `offsets`, in offset order, until `f`
     /// returns `false`. This is what mapping a range of an object into an address space needs.
     pub fn probes_in(&self, object: ObjectId, offsets: Range<u64>, mut f: impl FnMut(ProbeView<'_, C, R, L, N>) -> bool) {
@@ -554,15 +565,6 @@ where
         // SAFETY: loaded under the read guard that `'g` borrows: a list replaced after this load
         // is freed only after the guard ends.
         unsafe { ConsumerList::items(l) }
-    }
-
-    /// A counted reference that outlives the read section (increment-not-zero). `None` if the
-    /// probe is dying.
-    #[inline]
-    pub fn get(&self) -> Option<ProbeRef<'g, C, R, L, N>> {
-        self.probe
-            .try_get()
-            .then(|| ProbeRef { reg: self.reg, probe: NonNull::from(self.probe) })
     }
 }
 

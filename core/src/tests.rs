@@ -1,0 +1,461 @@
+//! Unit and property tests of the tree and the registry (normal builds; loom has its own suite).
+
+extern crate std;
+
+use crate::alloc_util::fail_after;
+use crate::error::Error;
+use crate::probe::{ObjectId, ProbeKey};
+use crate::rcu::{EpochRcu, Rcu, SlotRcu};
+use crate::registry::Registry;
+use crate::sync::audit::stores_during;
+use crate::tree::ProbeTree;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+fn key(o: u64, off: u64) -> ProbeKey {
+    ProbeKey::new(ObjectId(o), off)
+}
+
+fn fake(v: u64) -> *const u64 {
+    v as usize as *const u64
+}
+
+// ---------------------------------------------------------------- tree
+
+#[derive(Clone, Debug)]
+enum Op {
+    Insert(u8, u16, u32),
+    Remove(u8, u16),
+    Get(u8, u16),
+    Range(u8, u16, u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..4, 0u16..300, any::<u32>()).prop_map(|(o, k, v)| Op::Insert(o, k, v)),
+        3 => (0u8..4, 0u16..300).prop_map(|(o, k)| Op::Remove(o, k)),
+        1 => (0u8..4, 0u16..300).prop_map(|(o, k)| Op::Get(o, k)),
+        1 => (0u8..4, 0u16..300, 0u16..300).prop_map(|(o, a, b)| Op::Range(o, a, b)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The tree behaves as a `BTreeMap`, and its structural invariants hold after every write.
+    #[test]
+    fn tree_matches_btreemap(ops in proptest::collection::vec(op(), 1..600)) {
+        let rcu = SlotRcu::new();
+        let tree: ProbeTree<u64> = ProbeTree::new();
+        let mut oracle = BTreeMap::new();
+        for op in ops {
+            // SAFETY (all tree calls): this thread is the only writer and reader.
+            match op {
+                Op::Insert(o, k, v) => {
+                    let old = unsafe { tree.insert(&rcu, key(o.into(), k.into()), fake(v.into())) }.unwrap();
+                    prop_assert_eq!(old, oracle.insert(key(o.into(), k.into()), fake(v.into())));
+                }
+                Op::Remove(o, k) => {
+                    let old = unsafe { tree.remove(&rcu, &key(o.into(), k.into())) }.unwrap();
+                    prop_assert_eq!(old, oracle.remove(&key(o.into(), k.into())));
+                }
+                Op::Get(o, k) => {
+                    prop_assert_eq!(unsafe { tree.get(&key(o.into(), k.into())) }, oracle.get(&key(o.into(), k.into())).copied());
+                }
+                Op::Range(o, a, b) => {
+                    let (lo, hi) = (key(o.into(), a.into()), key(o.into(), b.into()));
+                    let mut got = Vec::new();
+                    unsafe { tree.range(&lo, &hi, |k, v| { got.push((*k, v)); true }) };
+                    let want: Vec<_> = if lo < hi { oracle.range(lo..hi).map(|(k, v)| (*k, *v)).collect() } else { Vec::new() };
+                    prop_assert_eq!(got, want);
+                }
+            }
+            prop_assert_eq!(unsafe { tree.check() }, oracle.len());
+            prop_assert_eq!(tree.len(), oracle.len());
+            rcu.synchronize();
+        }
+    }
+}
+
+#[test]
+fn tree_height_stays_logarithmic() {
+    let rcu = SlotRcu::new();
+    let tree: ProbeTree<u64> = ProbeTree::new();
+    for i in 0..100_000u64 {
+        // SAFETY: single thread.
+        unsafe { tree.insert(&rcu, key(1, i * 4), fake(i)) }.unwrap();
+        if i % 1024 == 0 {
+            rcu.synchronize();
+        }
+    }
+    // SAFETY: single thread.
+    let h = unsafe { tree.height() };
+    assert!(h <= 6, "100k sequential inserts gave height {h}");
+    // Remove 99% and check the tree shrinks back.
+    for i in 0..99_000u64 {
+        // SAFETY: single thread.
+        assert!(unsafe { tree.remove(&rcu, &key(1, i * 4)) }.unwrap().is_some());
+    }
+    rcu.synchronize();
+    // SAFETY: single thread.
+    unsafe {
+        assert_eq!(tree.check(), 1000);
+        assert!(tree.height() <= 4, "height {} after shrinking to 1000", tree.height());
+    }
+}
+
+#[test]
+fn tree_write_that_cannot_allocate_changes_nothing() {
+    let rcu = SlotRcu::new();
+    let tree: ProbeTree<u64> = ProbeTree::new();
+    for i in 0..2000u64 {
+        // SAFETY: single thread.
+        unsafe { tree.insert(&rcu, key(0, i), fake(i)) }.unwrap();
+    }
+    // Fail each allocation of an insert in turn, then of a remove, until the write succeeds.
+    for (n, write) in [(0usize, 0u8), (0, 1)].iter().copied().flat_map(|(_, w)| (0..64).map(move |n| (n, w))) {
+        fail_after(Some(n));
+        // SAFETY: single thread.
+        let r = unsafe {
+            if write == 0 { tree.insert(&rcu, key(0, 5000), fake(1)).map(|_| ()) } else { tree.remove(&rcu, &key(0, 1000)).map(|_| ()) }
+        };
+        fail_after(None);
+        match r {
+            Err(Error::NoMemory) => {
+                // SAFETY: single thread.
+                unsafe {
+                    assert_eq!(tree.check(), 2000);
+                    assert_eq!(tree.get(&key(0, 5000)), None);
+                    assert_eq!(tree.get(&key(0, 1000)), Some(fake(1000)));
+                }
+            }
+            Ok(()) => {
+                // Undo, so the next round starts from the same tree.
+                // SAFETY: single thread.
+                unsafe {
+                    if write == 0 { tree.remove(&rcu, &key(0, 5000)).unwrap(); } else { tree.insert(&rcu, key(0, 1000), fake(1000)).unwrap(); }
+                }
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+        rcu.synchronize();
+    }
+}
+
+// ---------------------------------------------------------------- registry
+
+type Hook = dyn Fn(u64) + Send + Sync;
+
+fn counting() -> (Arc<Hook>, Arc<AtomicU64>) {
+    let n = Arc::new(AtomicU64::new(0));
+    let m = n.clone();
+    (Arc::new(move |x| { m.fetch_add(x, Ordering::Relaxed); }), n)
+}
+
+fn consumers_at<R: Rcu>(reg: &Registry<Hook, R>, reader: &R::Reader<'_>, k: &ProbeKey) -> Option<usize> {
+    reg.read(reader).lookup(k).map(|p| p.consumers().len())
+}
+
+#[test]
+fn register_hit_unregister() {
+    let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+    let reader = reg.rcu().register().unwrap();
+    let (c1, n1) = counting();
+    let (c2, n2) = counting();
+    let k = key(9, 0x100);
+    reg.register(k, c1.clone()).unwrap();
+    reg.register(k, c2.clone()).unwrap();
+    assert_eq!(reg.len(), 1);
+    {
+        let g = reg.read(&reader);
+        let p = g.lookup(&k).unwrap();
+        assert_eq!(p.key(), k);
+        for c in p.consumers() {
+            c(1);
+        }
+    }
+    assert_eq!((n1.load(Ordering::Relaxed), n2.load(Ordering::Relaxed)), (1, 1));
+    reg.unregister(&k, &c1).unwrap();
+    assert_eq!(consumers_at(&reg, &reader, &k), Some(1));
+    reg.unregister(&k, &c2).unwrap();
+    assert_eq!(consumers_at(&reg, &reader, &k), None);
+    assert!(reg.is_empty());
+    reg.sync();
+}
+
+#[test]
+fn every_bad_input_is_an_error_and_changes_nothing() {
+    let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+    let reader = reg.rcu().register().unwrap();
+    let (c1, _) = counting();
+    let (c2, _) = counting();
+    let k = key(1, 8);
+    assert_eq!(reg.unregister(&k, &c1), Err(Error::UnknownProbe));
+    reg.register(k, c1.clone()).unwrap();
+    assert_eq!(reg.register(k, c1.clone()), Err(Error::DuplicateConsumer));
+    assert_eq!(consumers_at(&reg, &reader, &k), Some(1));
+    assert_eq!(reg.unregister(&k, &c2), Err(Error::UnknownConsumer));
+    assert_eq!(consumers_at(&reg, &reader, &k), Some(1));
+    assert_eq!(reg.unregister(&key(1, 9), &c1), Err(Error::UnknownProbe));
+    assert_eq!(reg.unregister(&key(2, 8), &c1), Err(Error::UnknownProbe));
+    // Display texts exist for every variant.
+    for e in [Error::UnknownProbe, Error::UnknownConsumer, Error::DuplicateConsumer, Error::Busy, Error::NoMemory] {
+        assert!(!std::format!("{e}").is_empty());
+    }
+}
+
+#[test]
+fn allocation_failure_in_register_and_unregister_changes_nothing() {
+    let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+    let reader = reg.rcu().register().unwrap();
+    let others: Vec<_> = (0..40).map(|i| {
+        let (c, _) = counting();
+        reg.register(key(3, i * 16), c.clone()).unwrap();
+        c
+    }).collect();
+    let k = key(3, 0x1000);
+    // A new probe: fail every allocation in turn.
+    let (c1, _) = counting();
+    let mut failures = 0;
+    for n in 0.. {
+        fail_after(Some(n));
+        let r = reg.register(k, c1.clone());
+        fail_after(None);
+        match r {
+            Err(Error::NoMemory) => {
+                failures += 1;
+                assert_eq!(consumers_at(&reg, &reader, &k), None);
+                assert_eq!(reg.len(), 40);
+            }
+            Ok(()) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(failures >= 4, "register made only {failures} allocations");
+    // A second consumer on the existing probe.
+    let (c2, _) = counting();
+    for n in 0.. {
+        fail_after(Some(n));
+        let r = reg.register(k, c2.clone());
+        fail_after(None);
+        match r {
+            Err(Error::NoMemory) => assert_eq!(consumers_at(&reg, &reader, &k), Some(1)),
+            Ok(()) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(consumers_at(&reg, &reader, &k), Some(2));
+    // Unregistering one of two consumers allocates the shorter list.
+    for n in 0.. {
+        fail_after(Some(n));
+        let r = reg.unregister(&k, &c2);
+        fail_after(None);
+        match r {
+            Err(Error::NoMemory) => assert_eq!(consumers_at(&reg, &reader, &k), Some(2)),
+            Ok(()) => break,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(consumers_at(&reg, &reader, &k), Some(1));
+    drop(others);
+    reg.sync();
+}
+
+#[test]
+fn probe_ref_outlives_unregister_and_dying_probe_is_replaced() {
+    let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+    let reader = reg.rcu().register().unwrap();
+    let (c1, _) = counting();
+    let k = key(5, 0x40);
+    reg.register(k, c1.clone()).unwrap();
+    let held = {
+        let g = reg.read(&reader);
+        g.hold(g.lookup(&k).unwrap()).expect("live probe")
+    };
+    reg.unregister(&k, &c1).unwrap();
+    // Still in the tree (the reference keeps it), with no consumers, not dying.
+    {
+        let g = reg.read(&reader);
+        let p = g.lookup(&k).unwrap();
+        assert!(p.consumers().is_empty());
+        assert!(!p.probe().is_dying());
+    }
+    assert_eq!(held.key(), k);
+    // Re-register on the same probe: it is live, so the consumer joins it.
+    reg.register(k, c1.clone()).unwrap();
+    assert!(core::ptr::eq(&*held, reg.read(&reader).lookup(&k).unwrap().probe()));
+    reg.unregister(&k, &c1).unwrap();
+    // The final put cannot allocate the tree path: the probe stays in the tree, dying.
+    fail_after(Some(0));
+    drop(held);
+    fail_after(None);
+    {
+        let g = reg.read(&reader);
+        let p = g.lookup(&k).expect("orphaned dying probe stays visible");
+        assert!(p.probe().is_dying());
+        assert!(p.consumers().is_empty());
+        assert!(g.hold(p).is_none(), "increment-not-zero must refuse a dying probe");
+    }
+    // Registering over it replaces it (and frees it), never resurrects it.
+    let (c2, _) = counting();
+    reg.register(k, c2.clone()).unwrap();
+    {
+        let g = reg.read(&reader);
+        let p = g.lookup(&k).unwrap();
+        assert!(!p.probe().is_dying());
+        assert_eq!(p.consumers().len(), 1);
+    }
+    reg.unregister(&k, &c2).unwrap();
+    assert!(reg.is_empty());
+    reg.sync();
+}
+
+#[test]
+fn range_query_finds_every_probe_of_an_object_in_range() {
+    let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+    let reader = reg.rcu().register().unwrap();
+    let (c, _) = counting();
+    for o in 1..4 {
+        for off in (0..4096).step_by(64) {
+            reg.register(key(o, off), c.clone()).unwrap();
+        }
+    }
+    let g = reg.read(&reader);
+    let mut seen = Vec::new();
+    g.probes_in(ObjectId(2), 1000..2000, |p| { seen.push(p.key()); true });
+    let want: Vec<_> = (0..4096).step_by(64).filter(|o| (1000..2000).contains(o)).map(|o| key(2, o)).collect();
+    assert_eq!(seen, want);
+    let mut first = None;
+    g.probes_in(ObjectId(3), 0..u64::MAX, |p| { first = Some(p.key()); false });
+    assert_eq!(first, Some(key(3, 0)));
+}
+
+/// Invariant 1: the hit path — lookup plus consumer traversal, and the read section around it —
+/// writes no shared memory. Every store and read-modify-write through the sync facade is logged.
+#[test]
+fn hit_path_writes_no_shared_memory() {
+    let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+    let reader = reg.rcu().register().unwrap();
+    let (c1, n1) = counting();
+    let (c2, _) = counting();
+    for i in 0..1000 {
+        reg.register(key(7, i * 8), c1.clone()).unwrap();
+        if i % 3 == 0 {
+            reg.register(key(7, i * 8), c2.clone()).unwrap();
+        }
+    }
+    reg.sync();
+    // Lookup + traversal inside a held guard: no store at all.
+    let g = reg.read(&reader);
+    let (calls, stores) = stores_during(|| {
+        let mut calls = 0;
+        for i in 0..1200 {
+            if let Some(p) = g.lookup(&key(7, i * 8)) {
+                for c in p.consumers() {
+                    c(0);
+                    calls += 1;
+                }
+            }
+        }
+        calls
+    });
+    drop(g);
+    assert_eq!(calls, 1000 + 334);
+    assert!(stores.is_empty(), "hit path stored to shared memory at {stores:x?}");
+    // The whole hit including entering and leaving the read section: the only words written are
+    // the reader's own announcement slot (private to this reader, alone on its cache line).
+    let (_, stores) = stores_during(|| {
+        let g = reg.read(&reader);
+        g.lookup(&key(7, 80)).map(|p| p.consumers().len())
+    });
+    assert!(!stores.is_empty(), "the audit saw nothing: it is not wired in");
+    assert!(stores.iter().all(|&a| a == reader.slot_addr()), "stores outside the reader's own slot: {stores:x?}");
+    // (the consumer's own counter is the embedder's choice, not a shared write of probe-core's)
+    assert_eq!(n1.load(Ordering::Relaxed), 0);
+}
+
+/// The two-phase unregister promise, under real threads: once `unregister` + `sync` returned,
+/// no hit calls that consumer again.
+fn no_call_after_sync<R: Rcu + 'static>(rcu: R) {
+    struct Tracked {
+        retired: AtomicBool,
+        calls: AtomicU64,
+    }
+    type C = Tracked;
+    let reg: Arc<Registry<C, R>> = Arc::new(Registry::new(rcu));
+    let stop = Arc::new(AtomicBool::new(false));
+    let keys: Vec<_> = (0..64).map(|i| key(11, i * 4)).collect();
+    let hitters: Vec<_> = (0..2)
+        .map(|_| {
+            let (reg, stop, keys) = (reg.clone(), stop.clone(), keys.clone());
+            std::thread::spawn(move || {
+                let reader = reg.rcu().register().unwrap();
+                let mut hits = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for k in &keys {
+                        let g = reg.read(&reader);
+                        if let Some(p) = g.lookup(k) {
+                            for c in p.consumers() {
+                                assert!(!c.retired.load(Ordering::SeqCst), "consumer called after unregister + sync");
+                                c.calls.fetch_add(1, Ordering::Relaxed);
+                                hits += 1;
+                            }
+                        }
+                    }
+                }
+                hits
+            })
+        })
+        .collect();
+    for round in 0..300 {
+        let cs: Vec<Arc<C>> = (0..3).map(|_| Arc::new(Tracked { retired: AtomicBool::new(false), calls: AtomicU64::new(0) })).collect();
+        for (i, k) in keys.iter().enumerate() {
+            reg.register(*k, cs[i % 3].clone()).unwrap();
+        }
+        for (i, k) in keys.iter().enumerate() {
+            reg.unregister(k, &cs[i % 3]).unwrap();
+        }
+        reg.sync();
+        for c in &cs {
+            c.retired.store(true, Ordering::SeqCst);
+        }
+        if round % 100 == 0 {
+            assert!(reg.is_empty());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let hits: u64 = hitters.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(hits > 0, "the hitters never hit anything");
+}
+
+#[test]
+fn no_call_after_unregister_sync_slot_rcu() {
+    no_call_after_sync(SlotRcu::new());
+}
+
+#[test]
+fn no_call_after_unregister_sync_epoch_rcu() {
+    no_call_after_sync(EpochRcu::with_relax(std::thread::yield_now));
+}
+
+#[test]
+fn foreign_reader_still_gets_a_protecting_guard() {
+    let a = SlotRcu::new();
+    let b = SlotRcu::new();
+    let rb = b.register().unwrap();
+    let freed = Arc::new(AtomicBool::new(false));
+    let guard = a.read_lock(&rb); // a reader of `b` reading under `a`
+    let f = freed.clone();
+    a.defer(crate::rcu::Deferred::new(move || f.store(true, Ordering::SeqCst)).unwrap());
+    std::thread::scope(|s| {
+        let t = s.spawn(|| a.synchronize());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!freed.load(Ordering::SeqCst), "grace period ended under a live foreign guard");
+        drop(guard);
+        t.join().unwrap();
+    });
+    assert!(freed.load(Ordering::SeqCst));
+}

@@ -119,6 +119,15 @@ pub struct SlotReader<'d> {
 // handle's owner, and the handle is not `Sync`.
 unsafe impl Send for SlotReader<'_> {}
 
+impl SlotReader<'_> {
+    /// The address of this reader's announcement counter (the only word its read sections
+    /// write). For the hit-path store audit.
+    #[cfg(test)]
+    pub(crate) fn slot_addr(&self) -> usize {
+        &self.slot.state as *const AtomicUsize as usize
+    }
+}
+
 impl core::fmt::Debug for SlotReader<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SlotReader").field("nest", &self.nest.get()).finish()
