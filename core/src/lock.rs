@@ -126,7 +126,9 @@ pub struct SpinLock<R: Relax = SpinRelax> {
 impl<R: Relax> fmt::Debug for SpinLock<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Relaxed: a diagnostic snapshot.
-        f.debug_struct("SpinLock").field("locked", &self.locked.load(Ordering::Relaxed)).finish()
+        f.debug_struct("SpinLock")
+            .field("locked", &self.locked.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
@@ -140,13 +142,19 @@ impl<R: Relax> SpinLock<R> {
     /// An unlocked spinlock.
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        Self { locked: AtomicBool::new(false), _relax: PhantomData }
+        Self {
+            locked: AtomicBool::new(false),
+            _relax: PhantomData,
+        }
     }
 
     /// An unlocked spinlock.
     #[cfg(loom)]
     pub fn new() -> Self {
-        Self { locked: AtomicBool::new(false), _relax: PhantomData }
+        Self {
+            locked: AtomicBool::new(false),
+            _relax: PhantomData,
+        }
     }
 }
 
@@ -166,7 +174,9 @@ unsafe impl<R: Relax> RawLock for SpinLock<R> {
     #[inline]
     fn try_lock(&self) -> bool {
         // Acquire pairs with the Release store in `unlock`.
-        self.locked.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+        self.locked
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
     }
 
     #[inline]
@@ -218,20 +228,29 @@ pub struct LockGuard<'a, L: RawLock, T> {
 impl<L: RawLock, T> Lock<L, T> {
     /// Wraps `data` behind `raw`.
     pub fn new(raw: L, data: T) -> Self {
-        Self { raw, data: UnsafeCell::new(data) }
+        Self {
+            raw,
+            data: UnsafeCell::new(data),
+        }
     }
 
     /// Acquires the lock.
     pub fn lock(&self) -> LockGuard<'_, L, T> {
         self.raw.lock();
         // INVARIANT: `raw` is held until the guard drops.
-        LockGuard { lock: self, _not_send: PhantomData }
+        LockGuard {
+            lock: self,
+            _not_send: PhantomData,
+        }
     }
 
     /// Acquires the lock if it is free.
     pub fn try_lock(&self) -> Option<LockGuard<'_, L, T>> {
         // INVARIANT: as in `lock`.
-        self.raw.try_lock().then(|| LockGuard { lock: self, _not_send: PhantomData })
+        self.raw.try_lock().then(|| LockGuard {
+            lock: self,
+            _not_send: PhantomData,
+        })
     }
 
     /// The raw lock (to hold it without touching the data).
@@ -284,7 +303,10 @@ impl<'a, L: RawLock> RawGuard<'a, L> {
     pub fn lock(raw: &'a L) -> Self {
         raw.lock();
         // INVARIANT: held until drop.
-        Self { raw, _not_send: PhantomData }
+        Self {
+            raw,
+            _not_send: PhantomData,
+        }
     }
 }
 
@@ -324,7 +346,10 @@ impl<L: RawLock, const N: usize> fmt::Debug for LockTable<L, N> {
 }
 
 // The default table's layout: each slot a whole number of padded lines, the count a power of two.
-const_assert_eq!(core::mem::size_of::<CachePadded<SpinLock>>() % CACHE_LINE, 0);
+const_assert_eq!(
+    core::mem::size_of::<CachePadded<SpinLock>>() % CACHE_LINE,
+    0
+);
 const_assert_eq!(core::mem::align_of::<CachePadded<SpinLock>>(), CACHE_LINE);
 const_assert!(DEFAULT_LOCK_SLOTS.is_power_of_two());
 const_assert_eq!(
@@ -347,7 +372,10 @@ impl<L: RawLock + Default, const N: usize> LockTable<L, N> {
 
 impl<L: RawLock, const N: usize> LockTable<L, N> {
     const LAYOUT_OK: () = {
-        assert!(N.is_power_of_two(), "LockTable slot count must be a power of two");
+        assert!(
+            N.is_power_of_two(),
+            "LockTable slot count must be a power of two"
+        );
         assert!(core::mem::size_of::<CachePadded<L>>().is_multiple_of(CACHE_LINE));
         assert!(core::mem::align_of::<CachePadded<L>>() >= CACHE_LINE);
     };
@@ -356,7 +384,9 @@ impl<L: RawLock, const N: usize> LockTable<L, N> {
     pub fn with(mut make: impl FnMut(usize) -> L) -> Self {
         #[allow(clippy::let_unit_value)]
         let () = Self::LAYOUT_OK;
-        Self { slots: core::array::from_fn(|i| CachePadded::new(make(i))) }
+        Self {
+            slots: core::array::from_fn(|i| CachePadded::new(make(i))),
+        }
     }
 
     /// The slot index serving `object`.
@@ -407,7 +437,10 @@ mod tests {
     fn same_object_same_lock() {
         let t: LockTable<SpinLock> = LockTable::new();
         for ino in [0, 1, u64::MAX, 0xdead_beef] {
-            assert!(core::ptr::eq(t.lock_for(ObjectId(ino)), t.lock_for(ObjectId(ino))));
+            assert!(core::ptr::eq(
+                t.lock_for(ObjectId(ino)),
+                t.lock_for(ObjectId(ino))
+            ));
         }
     }
 

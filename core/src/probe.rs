@@ -52,7 +52,10 @@ pub struct ProbeKey {
 
 impl ProbeKey {
     /// The smallest key.
-    pub const MIN: ProbeKey = ProbeKey { object: ObjectId(0), offset: 0 };
+    pub const MIN: ProbeKey = ProbeKey {
+        object: ObjectId(0),
+        offset: 0,
+    };
 
     /// `ProbeKey { object, offset }`.
     pub const fn new(object: ObjectId, offset: u64) -> Self {
@@ -68,7 +71,10 @@ pub(crate) struct ConsumerList<C: ?Sized> {
 
 impl<C: ?Sized> ConsumerList<C> {
     pub(crate) fn new(items: Vec<Arc<C>>) -> Self {
-        Self { items: UnsafeCell::new(items), free_check: FreeCheck::new() }
+        Self {
+            items: UnsafeCell::new(items),
+            free_check: FreeCheck::new(),
+        }
     }
 
     /// The consumers.
@@ -92,6 +98,10 @@ pub struct Probe<C: ?Sized> {
     key: ProbeKey,
     pub(crate) refs: AtomicUsize,
     pub(crate) consumers: AtomicPtr<ConsumerList<C>>,
+    /// The writers' copy of `consumers`, read and written only under the object's lock, so a
+    /// writer never loads the published pointer it is about to replace (see `ProbeTree`'s
+    /// writer view for why).
+    pub(crate) consumers_w: UnsafeCell<*mut ConsumerList<C>>,
     /// Left in the tree by a final put whose removal could not allocate; whoever next removes or
     /// replaces this entry frees it. Read and written only under the tree lock.
     pub(crate) orphaned: AtomicBool,
@@ -117,6 +127,7 @@ impl<C: ?Sized> Probe<C> {
             key,
             refs: AtomicUsize::new(refs),
             consumers: AtomicPtr::new(consumers),
+            consumers_w: UnsafeCell::new(consumers),
             orphaned: AtomicBool::new(false),
             free_cb: UnsafeCell::new(None),
             free_check: FreeCheck::new(),
@@ -157,7 +168,10 @@ impl<C: ?Sized> Probe<C> {
             if n == 0 {
                 return false;
             }
-            match self.refs.compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed) {
+            match self
+                .refs
+                .compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return true,
                 Err(cur) => n = cur,
             }
@@ -177,7 +191,31 @@ impl<C: ?Sized> Probe<C> {
         false
     }
 
-    /// The current consumer list pointer (null when none).
+    /// The current consumer list, writer side.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the object's lock.
+    #[inline]
+    pub(crate) unsafe fn writer_list(&self) -> *mut ConsumerList<C> {
+        self.free_check.check();
+        // SAFETY: the object's lock serializes every access to the writers' copy.
+        self.consumers_w.with(|p| unsafe { *p })
+    }
+
+    /// Publishes `new` as the consumer list (both copies).
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the object's lock, and `new` is fully initialized.
+    #[inline]
+    pub(crate) unsafe fn set_list(&self, new: *mut ConsumerList<C>, order: Ordering) {
+        // SAFETY: the object's lock, as in `writer_list`.
+        self.consumers_w.with_mut(|p| unsafe { *p = new });
+        self.consumers.store(new, order);
+    }
+
+    /// The current consumer list pointer (null when none), reader side.
     #[inline]
     pub(crate) fn consumer_list(&self) -> *mut ConsumerList<C> {
         self.free_check.check();

@@ -91,7 +91,9 @@ pub struct Registry<C: ?Sized, R: Rcu, L: RawLock = SpinLock, const N: usize = D
 
 impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> fmt::Debug for Registry<C, R, L, N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry").field("probes", &self.tree.len()).finish_non_exhaustive()
+        f.debug_struct("Registry")
+            .field("probes", &self.tree.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -103,7 +105,12 @@ where
 {
     /// An empty registry over the RCU domain `rcu`.
     pub fn new(rcu: R) -> Self {
-        Self { rcu, tree: ProbeTree::new(), tree_lock: CachePadded::new(L::default()), objects: LockTable::new() }
+        Self {
+            rcu,
+            tree: ProbeTree::new(),
+            tree_lock: CachePadded::new(L::default()),
+            objects: LockTable::new(),
+        }
     }
 }
 
@@ -137,7 +144,10 @@ where
     /// Enters a read section: the hit path's entry point.
     #[inline]
     pub fn read<'r>(&'r self, reader: &'r R::Reader<'_>) -> ReadGuard<'r, C, R, L, N> {
-        ReadGuard { reg: self, _guard: self.rcu.read_lock(reader) }
+        ReadGuard {
+            reg: self,
+            _guard: self.rcu.read_lock(reader),
+        }
     }
 
     /// Waits for a grace period: afterwards no hit can call a consumer unregistered before this
@@ -206,7 +216,7 @@ where
     fn get_live(&self, key: &ProbeKey) -> Option<*const Probe<C>> {
         let _tree = RawGuard::lock(&*self.tree_lock);
         // SAFETY: the tree lock is held, so no node or probe reachable from the tree is freed.
-        let p = unsafe { self.tree.get(key) }?;
+        let p = unsafe { self.tree.get_locked(key) }?;
         // SAFETY: `p` is in the tree and the tree lock is held: it is allocated.
         unsafe { &*p }.try_get().then_some(p)
     }
@@ -214,7 +224,8 @@ where
     /// Publishes a copy of the consumer list with `consumer` appended. `Ok(true)` if it was the
     /// first. Caller holds the object's lock and a reference.
     fn add_consumer(&self, probe: &Probe<C>, consumer: Arc<C>) -> Result<bool> {
-        let old = probe.consumer_list();
+        // SAFETY: the caller holds the object's lock.
+        let old = unsafe { probe.writer_list() };
         let items = if old.is_null() {
             &[][..]
         } else {
@@ -240,19 +251,29 @@ where
     /// Publishes a copy of the consumer list without `consumer`; drops the registration's
     /// reference if it was the last. Caller holds the object's lock and a reference.
     fn remove_consumer(&self, probe: &Probe<C>, consumer: &Arc<C>) -> Result<()> {
-        let old = probe.consumer_list();
+        // SAFETY: the caller holds the object's lock.
+        let old = unsafe { probe.writer_list() };
         let items = if old.is_null() {
             &[][..]
         } else {
             // SAFETY: the current list under the object's lock.
             unsafe { ConsumerList::items(old) }
         };
-        let at = items.iter().position(|c| Arc::ptr_eq(c, consumer)).ok_or(Error::UnknownConsumer)?;
+        let at = items
+            .iter()
+            .position(|c| Arc::ptr_eq(c, consumer))
+            .ok_or(Error::UnknownConsumer)?;
         let new = if items.len() == 1 {
             ptr::null_mut()
         } else {
             let mut v = try_vec_with_capacity(items.len() - 1)?;
-            v.extend(items.iter().enumerate().filter(|&(i, _)| i != at).map(|(_, c)| c.clone()));
+            v.extend(
+                items
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| i != at)
+                    .map(|(_, c)| c.clone()),
+            );
             Box::into_raw(try_box(ConsumerList::new(v))?)
         };
         // SAFETY: as in `add_consumer`.
@@ -302,7 +323,8 @@ where
         let order = Ordering::Release;
         // Release pairs with the Acquire load in `Probe::consumer_list`: the list's contents
         // were written before its pointer.
-        probe.consumers.store(new, order);
+        // SAFETY: the caller holds the object's lock; `new` is initialized.
+        unsafe { probe.set_list(new, order) };
         if let Some(cb) = cb {
             #[cfg(loom)]
             if crate::seeded::is(crate::seeded::Bug::ConsumerFreeEarly) {
@@ -395,7 +417,7 @@ where
         {
             let _tree = RawGuard::lock(&*self.tree_lock);
             // SAFETY: tree lock held.
-            if unsafe { self.tree.get(&key) } == Some(p) {
+            if unsafe { self.tree.get_locked(&key) } == Some(p) {
                 // SAFETY: tree lock held; the registry's one domain.
                 if unsafe { self.tree.remove(&self.rcu, &key) }.is_err() {
                     // No memory to copy the path: leave the dying probe in the tree (readers
@@ -498,7 +520,10 @@ where
         let p = unsafe { self.reg.tree.get(key) }?;
         // SAFETY: reached under the guard: allocated until the guard ends (a grace period after
         // it leaves the tree).
-        Some(ProbeView { reg: self.reg, probe: unsafe { &*p } })
+        Some(ProbeView {
+            reg: self.reg,
+            probe: unsafe { &*p },
+        })
     }
 
     /// A counted reference to `probe` that outlives this read section (increment-not-zero).
@@ -509,17 +534,30 @@ where
         if !core::ptr::eq(probe.reg, self.reg) {
             return None;
         }
-        probe.probe.try_get().then(|| ProbeRef { reg: self.reg, probe: NonNull::from(probe.probe) })
+        probe.probe.try_get().then(|| ProbeRef {
+            reg: self.reg,
+            probe: NonNull::from(probe.probe),
+        })
     }
 
     /// Calls `f` on every probe of `object` with offset in `offsets`, in offset order, until `f`
     /// returns `false`. This is what mapping a range of an object into an address space needs.
-    pub fn probes_in(&self, object: ObjectId, offsets: Range<u64>, mut f: impl FnMut(ProbeView<'_, C, R, L, N>) -> bool) {
+    pub fn probes_in(
+        &self,
+        object: ObjectId,
+        offsets: Range<u64>,
+        mut f: impl FnMut(ProbeView<'_, C, R, L, N>) -> bool,
+    ) {
         let lo = ProbeKey::new(object, offsets.start);
         let hi = ProbeKey::new(object, offsets.end);
         // SAFETY: as in `lookup`.
         unsafe {
-            self.reg.tree.range(&lo, &hi, |_, p| f(ProbeView { reg: self.reg, probe: &*p }));
+            self.reg.tree.range(&lo, &hi, |_, p| {
+                f(ProbeView {
+                    reg: self.reg,
+                    probe: &*p,
+                })
+            });
         }
     }
 }
@@ -580,11 +618,19 @@ pub struct ProbeRef<'a, C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, c
 
 // SAFETY: a counted reference to a `Sync` probe in a `Sync` registry; dropping it from another
 // thread runs the same final put as anywhere.
-unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Send for ProbeRef<'_, C, R, L, N> {}
+unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Send
+    for ProbeRef<'_, C, R, L, N>
+{
+}
 // SAFETY: shared access only reads.
-unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Sync for ProbeRef<'_, C, R, L, N> {}
+unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Sync
+    for ProbeRef<'_, C, R, L, N>
+{
+}
 
-impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> core::ops::Deref for ProbeRef<'_, C, R, L, N> {
+impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> core::ops::Deref
+    for ProbeRef<'_, C, R, L, N>
+{
     type Target = Probe<C>;
     fn deref(&self) -> &Probe<C> {
         // SAFETY: the reference count keeps the probe allocated.
@@ -594,14 +640,18 @@ impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> core
     }
 }
 
-impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> Drop for ProbeRef<'_, C, R, L, N> {
+impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> Drop
+    for ProbeRef<'_, C, R, L, N>
+{
     fn drop(&mut self) {
         // SAFETY: we own one reference.
         unsafe { self.reg.put(self.probe.as_ptr()) }
     }
 }
 
-impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> fmt::Debug for ProbeRef<'_, C, R, L, N> {
+impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> fmt::Debug
+    for ProbeRef<'_, C, R, L, N>
+{
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)
     }

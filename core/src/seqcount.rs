@@ -16,10 +16,10 @@
 //! ```text
 //!  writer                                   reader
 //!  ------                                   ------
-//!  seq = s + 1      (Relaxed)               s0 = seq        (Acquire)    [pairs with W-end]
+//!  seq += 1         (Relaxed)               s0 = seq        (Acquire)    [pairs with W-end]
 //!  fence(Release)   [W-begin]               if s0 odd: writer inside
 //!  data stores      (Relaxed)               data loads      (Relaxed)
-//!  seq = s + 2      (Release) [W-end]       fence(Acquire)  [pairs with W-begin]
+//!  seq += 1         (Release) [W-end]       fence(Acquire)  [pairs with W-begin]
 //!                                           s1 = seq        (Relaxed)
 //!                                           valid iff s1 == s0
 //! ```
@@ -102,13 +102,17 @@ impl SeqCount {
     /// A counter at zero (no writer inside).
     #[cfg(not(loom))]
     pub const fn new() -> Self {
-        Self { seq: AtomicUsize::new(0) }
+        Self {
+            seq: AtomicUsize::new(0),
+        }
     }
 
     /// A counter at zero (no writer inside).
     #[cfg(loom)]
     pub fn new() -> Self {
-        Self { seq: AtomicUsize::new(0) }
+        Self {
+            seq: AtomicUsize::new(0),
+        }
     }
 
     /// Starts a speculative read: `None` at once if a writer is inside, no waiting.
@@ -193,12 +197,17 @@ impl SeqCount {
     /// even again while both are inside, and readers would accept torn data.
     #[inline]
     pub unsafe fn write_begin(&self) -> SeqWriteGuard<'_> {
-        // Relaxed load: writers are serialized (the caller's contract), so this sees the last
-        // writer's value through the caller's lock.
-        let s = self.seq.load(Ordering::Relaxed);
-        debug_assert!(s & 1 == 0, "SeqCount::write_begin while a write section is open");
-        // Relaxed store, made visible before the data stores by the fence below.
-        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        // One read-modify-write rather than a load and a store: writers are serialized, so both
+        // are correct, but a single access is what loom's race tracking follows (it remembers one
+        // last access per object, so a writer's own load would hide the race between its store
+        // and a reader's earlier load — tokio-rs/loom#392-style). Writers are rare; the cost is
+        // nothing on a path that changes an address space.
+        // Relaxed: made visible before the data stores by the fence below.
+        let _s = self.seq.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(
+            _s & 1 == 0,
+            "SeqCount::write_begin while a write section is open"
+        );
         #[cfg(loom)]
         let skip_fence = crate::seeded::is(crate::seeded::Bug::SeqWriterBeginUnordered);
         #[cfg(not(loom))]
@@ -215,10 +224,9 @@ impl SeqCount {
 impl Drop for SeqWriteGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        // Relaxed: only this writer stores to the counter (serialized writers).
-        let s = self.seq.seq.load(Ordering::Relaxed);
         // W-end. Release pairs with the Acquire load in `try_begin`: publishes the data stores.
-        self.seq.seq.store(s.wrapping_add(1), Ordering::Release);
+        // (A read-modify-write for the reason given in `write_begin`.)
+        self.seq.seq.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -233,7 +241,10 @@ mod tests {
         // SAFETY: single writer.
         let w = unsafe { s.write_begin() };
         assert_eq!(s.raw() & 1, 1);
-        assert!(s.try_begin().is_none(), "try_begin must fail while a writer is inside");
+        assert!(
+            s.try_begin().is_none(),
+            "try_begin must fail while a writer is inside"
+        );
         drop(w);
         assert_eq!(s.raw(), 2);
         assert!(s.try_begin().is_some());
@@ -258,7 +269,10 @@ mod tests {
             s.validate(t)
         });
         assert!(ok);
-        assert!(stores.is_empty(), "a seqcount reader wrote shared memory: {stores:?}");
+        assert!(
+            stores.is_empty(),
+            "a seqcount reader wrote shared memory: {stores:?}"
+        );
     }
 
     #[test]
@@ -281,7 +295,12 @@ mod tests {
         };
         let mut seen = 0u64;
         while seen < 20_000 {
-            let (a, b) = shared.0.read(|| (shared.1.load(Ordering::Relaxed), shared.2.load(Ordering::Relaxed)));
+            let (a, b) = shared.0.read(|| {
+                (
+                    shared.1.load(Ordering::Relaxed),
+                    shared.2.load(Ordering::Relaxed),
+                )
+            });
             assert_eq!(a, b, "torn read accepted");
             assert!(a >= seen, "went backwards");
             seen = a;

@@ -343,6 +343,12 @@ pub struct FreeCheck {
     freed: loom::cell::UnsafeCell<bool>,
 }
 
+// SAFETY: under loom the cell is only touched through `check` (a read) and `mark_freed` (a write),
+// and loom itself reports any pair of them not ordered by happens-before; that race report is the
+// purpose of the type. Normal builds have no cell at all.
+#[cfg(loom)]
+unsafe impl Sync for FreeCheck {}
+
 impl FreeCheck {
     /// A fresh, live tripwire.
     #[inline(always)]
@@ -355,7 +361,12 @@ impl FreeCheck {
     pub fn check(&self) {
         #[cfg(loom)]
         // SAFETY: a shared read of a bool; loom itself checks it against `mark_freed`'s write.
-        self.freed.with(|p| assert!(!unsafe { *p }, "use after free: object freed while a reader could still see it"));
+        self.freed.with(|p| {
+            assert!(
+                !unsafe { *p },
+                "use after free: object freed while a reader could still see it"
+            )
+        });
     }
 
     /// Marks the owner freed (under loom). A no-op otherwise.

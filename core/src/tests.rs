@@ -97,13 +97,21 @@ fn tree_height_stays_logarithmic() {
     // Remove 99% and check the tree shrinks back.
     for i in 0..99_000u64 {
         // SAFETY: single thread.
-        assert!(unsafe { tree.remove(&rcu, &key(1, i * 4)) }.unwrap().is_some());
+        assert!(
+            unsafe { tree.remove(&rcu, &key(1, i * 4)) }
+                .unwrap()
+                .is_some()
+        );
     }
     rcu.synchronize();
     // SAFETY: single thread.
     unsafe {
         assert_eq!(tree.check(), 1000);
-        assert!(tree.height() <= 4, "height {} after shrinking to 1000", tree.height());
+        assert!(
+            tree.height() <= 4,
+            "height {} after shrinking to 1000",
+            tree.height()
+        );
     }
 }
 
@@ -116,11 +124,19 @@ fn tree_write_that_cannot_allocate_changes_nothing() {
         unsafe { tree.insert(&rcu, key(0, i), fake(i)) }.unwrap();
     }
     // Fail each allocation of an insert in turn, then of a remove, until the write succeeds.
-    for (n, write) in [(0usize, 0u8), (0, 1)].iter().copied().flat_map(|(_, w)| (0..64).map(move |n| (n, w))) {
+    for (n, write) in [(0usize, 0u8), (0, 1)]
+        .iter()
+        .copied()
+        .flat_map(|(_, w)| (0..64).map(move |n| (n, w)))
+    {
         fail_after(Some(n));
         // SAFETY: single thread.
         let r = unsafe {
-            if write == 0 { tree.insert(&rcu, key(0, 5000), fake(1)).map(|_| ()) } else { tree.remove(&rcu, &key(0, 1000)).map(|_| ()) }
+            if write == 0 {
+                tree.insert(&rcu, key(0, 5000), fake(1)).map(|_| ())
+            } else {
+                tree.remove(&rcu, &key(0, 1000)).map(|_| ())
+            }
         };
         fail_after(None);
         match r {
@@ -136,7 +152,11 @@ fn tree_write_that_cannot_allocate_changes_nothing() {
                 // Undo, so the next round starts from the same tree.
                 // SAFETY: single thread.
                 unsafe {
-                    if write == 0 { tree.remove(&rcu, &key(0, 5000)).unwrap(); } else { tree.insert(&rcu, key(0, 1000), fake(1000)).unwrap(); }
+                    if write == 0 {
+                        tree.remove(&rcu, &key(0, 5000)).unwrap();
+                    } else {
+                        tree.insert(&rcu, key(0, 1000), fake(1000)).unwrap();
+                    }
                 }
             }
             Err(e) => panic!("unexpected {e:?}"),
@@ -152,10 +172,19 @@ type Hook = dyn Fn(u64) + Send + Sync;
 fn counting() -> (Arc<Hook>, Arc<AtomicU64>) {
     let n = Arc::new(AtomicU64::new(0));
     let m = n.clone();
-    (Arc::new(move |x| { m.fetch_add(x, Ordering::Relaxed); }), n)
+    (
+        Arc::new(move |x| {
+            m.fetch_add(x, Ordering::Relaxed);
+        }),
+        n,
+    )
 }
 
-fn consumers_at<R: Rcu>(reg: &Registry<Hook, R>, reader: &R::Reader<'_>, k: &ProbeKey) -> Option<usize> {
+fn consumers_at<R: Rcu>(
+    reg: &Registry<Hook, R>,
+    reader: &R::Reader<'_>,
+    k: &ProbeKey,
+) -> Option<usize> {
     reg.read(reader).lookup(k).map(|p| p.consumers().len())
 }
 
@@ -177,7 +206,10 @@ fn register_hit_unregister() {
             c(1);
         }
     }
-    assert_eq!((n1.load(Ordering::Relaxed), n2.load(Ordering::Relaxed)), (1, 1));
+    assert_eq!(
+        (n1.load(Ordering::Relaxed), n2.load(Ordering::Relaxed)),
+        (1, 1)
+    );
     reg.unregister(&k, &c1).unwrap();
     assert_eq!(consumers_at(&reg, &reader, &k), Some(1));
     reg.unregister(&k, &c2).unwrap();
@@ -202,7 +234,13 @@ fn every_bad_input_is_an_error_and_changes_nothing() {
     assert_eq!(reg.unregister(&key(1, 9), &c1), Err(Error::UnknownProbe));
     assert_eq!(reg.unregister(&key(2, 8), &c1), Err(Error::UnknownProbe));
     // Display texts exist for every variant.
-    for e in [Error::UnknownProbe, Error::UnknownConsumer, Error::DuplicateConsumer, Error::Busy, Error::NoMemory] {
+    for e in [
+        Error::UnknownProbe,
+        Error::UnknownConsumer,
+        Error::DuplicateConsumer,
+        Error::Busy,
+        Error::NoMemory,
+    ] {
         assert!(!std::format!("{e}").is_empty());
     }
 }
@@ -211,11 +249,13 @@ fn every_bad_input_is_an_error_and_changes_nothing() {
 fn allocation_failure_in_register_and_unregister_changes_nothing() {
     let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
     let reader = reg.rcu().register().unwrap();
-    let others: Vec<_> = (0..40).map(|i| {
-        let (c, _) = counting();
-        reg.register(key(3, i * 16), c.clone()).unwrap();
-        c
-    }).collect();
+    let others: Vec<_> = (0..40)
+        .map(|i| {
+            let (c, _) = counting();
+            reg.register(key(3, i * 16), c.clone()).unwrap();
+            c
+        })
+        .collect();
     let k = key(3, 0x1000);
     // A new probe: fail every allocation in turn.
     let (c1, _) = counting();
@@ -286,7 +326,10 @@ fn probe_ref_outlives_unregister_and_dying_probe_is_replaced() {
     assert_eq!(held.key(), k);
     // Re-register on the same probe: it is live, so the consumer joins it.
     reg.register(k, c1.clone()).unwrap();
-    assert!(core::ptr::eq(&*held, reg.read(&reader).lookup(&k).unwrap().probe()));
+    assert!(core::ptr::eq(
+        &*held,
+        reg.read(&reader).lookup(&k).unwrap().probe()
+    ));
     reg.unregister(&k, &c1).unwrap();
     // The final put cannot allocate the tree path: the probe stays in the tree, dying.
     fail_after(Some(0));
@@ -297,7 +340,10 @@ fn probe_ref_outlives_unregister_and_dying_probe_is_replaced() {
         let p = g.lookup(&k).expect("orphaned dying probe stays visible");
         assert!(p.probe().is_dying());
         assert!(p.consumers().is_empty());
-        assert!(g.hold(p).is_none(), "increment-not-zero must refuse a dying probe");
+        assert!(
+            g.hold(p).is_none(),
+            "increment-not-zero must refuse a dying probe"
+        );
     }
     // Registering over it replaces it (and frees it), never resurrects it.
     let (c2, _) = counting();
@@ -325,11 +371,21 @@ fn range_query_finds_every_probe_of_an_object_in_range() {
     }
     let g = reg.read(&reader);
     let mut seen = Vec::new();
-    g.probes_in(ObjectId(2), 1000..2000, |p| { seen.push(p.key()); true });
-    let want: Vec<_> = (0..4096).step_by(64).filter(|o| (1000..2000).contains(o)).map(|o| key(2, o)).collect();
+    g.probes_in(ObjectId(2), 1000..2000, |p| {
+        seen.push(p.key());
+        true
+    });
+    let want: Vec<_> = (0..4096)
+        .step_by(64)
+        .filter(|o| (1000..2000).contains(o))
+        .map(|o| key(2, o))
+        .collect();
     assert_eq!(seen, want);
     let mut first = None;
-    g.probes_in(ObjectId(3), 0..u64::MAX, |p| { first = Some(p.key()); false });
+    g.probes_in(ObjectId(3), 0..u64::MAX, |p| {
+        first = Some(p.key());
+        false
+    });
     assert_eq!(first, Some(key(3, 0)));
 }
 
@@ -364,15 +420,24 @@ fn hit_path_writes_no_shared_memory() {
     });
     drop(g);
     assert_eq!(calls, 1000 + 334);
-    assert!(stores.is_empty(), "hit path stored to shared memory at {stores:x?}");
+    assert!(
+        stores.is_empty(),
+        "hit path stored to shared memory at {stores:x?}"
+    );
     // The whole hit including entering and leaving the read section: the only words written are
     // the reader's own announcement slot (private to this reader, alone on its cache line).
     let (_, stores) = stores_during(|| {
         let g = reg.read(&reader);
         g.lookup(&key(7, 80)).map(|p| p.consumers().len())
     });
-    assert!(!stores.is_empty(), "the audit saw nothing: it is not wired in");
-    assert!(stores.iter().all(|&a| a == reader.slot_addr()), "stores outside the reader's own slot: {stores:x?}");
+    assert!(
+        !stores.is_empty(),
+        "the audit saw nothing: it is not wired in"
+    );
+    assert!(
+        stores.iter().all(|&a| a == reader.slot_addr()),
+        "stores outside the reader's own slot: {stores:x?}"
+    );
     // (the consumer's own counter is the embedder's choice, not a shared write of probe-core's)
     assert_eq!(n1.load(Ordering::Relaxed), 0);
 }
@@ -399,7 +464,10 @@ fn no_call_after_sync<R: Rcu + 'static>(rcu: R) {
                         let g = reg.read(&reader);
                         if let Some(p) = g.lookup(k) {
                             for c in p.consumers() {
-                                assert!(!c.retired.load(Ordering::SeqCst), "consumer called after unregister + sync");
+                                assert!(
+                                    !c.retired.load(Ordering::SeqCst),
+                                    "consumer called after unregister + sync"
+                                );
                                 c.calls.fetch_add(1, Ordering::Relaxed);
                                 hits += 1;
                             }
@@ -411,7 +479,14 @@ fn no_call_after_sync<R: Rcu + 'static>(rcu: R) {
         })
         .collect();
     for round in 0..300 {
-        let cs: Vec<Arc<C>> = (0..3).map(|_| Arc::new(Tracked { retired: AtomicBool::new(false), calls: AtomicU64::new(0) })).collect();
+        let cs: Vec<Arc<C>> = (0..3)
+            .map(|_| {
+                Arc::new(Tracked {
+                    retired: AtomicBool::new(false),
+                    calls: AtomicU64::new(0),
+                })
+            })
+            .collect();
         for (i, k) in keys.iter().enumerate() {
             reg.register(*k, cs[i % 3].clone()).unwrap();
         }
@@ -453,7 +528,10 @@ fn foreign_reader_still_gets_a_protecting_guard() {
     std::thread::scope(|s| {
         let t = s.spawn(|| a.synchronize());
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(!freed.load(Ordering::SeqCst), "grace period ended under a live foreign guard");
+        assert!(
+            !freed.load(Ordering::SeqCst),
+            "grace period ended under a live foreign guard"
+        );
         drop(guard);
         t.join().unwrap();
     });

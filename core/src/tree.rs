@@ -61,13 +61,25 @@ struct Body<V> {
 
 impl<V> Clone for Body<V> {
     fn clone(&self) -> Self {
-        Self { leaf: self.leaf, len: self.len, keys: self.keys, ptrs: self.ptrs, _v: self._v }
+        Self {
+            leaf: self.leaf,
+            len: self.len,
+            keys: self.keys,
+            ptrs: self.ptrs,
+            _v: self._v,
+        }
     }
 }
 
 impl<V> Body<V> {
     fn empty(leaf: bool) -> Self {
-        Self { leaf, len: 0, keys: [ProbeKey::MIN; B], ptrs: [ptr::null(); B], _v: core::marker::PhantomData }
+        Self {
+            leaf,
+            len: 0,
+            keys: [ProbeKey::MIN; B],
+            ptrs: [ptr::null(); B],
+            _v: core::marker::PhantomData,
+        }
     }
 
     /// Index of the child that routes `key`: the last `i` with `keys[i] <= key`, or 0.
@@ -168,21 +180,31 @@ struct Builder<V> {
 
 impl<V> Builder<V> {
     fn new() -> Result<Self> {
-        Ok(Self { fresh: try_vec_with_capacity(16)?, retired: try_vec_with_capacity(16)? })
+        Ok(Self {
+            fresh: try_vec_with_capacity(16)?,
+            retired: try_vec_with_capacity(16)?,
+        })
     }
 
     fn node(&mut self, body: Body<V>) -> Result<*mut Node<V>> {
         if self.fresh.len() == self.fresh.capacity() {
-            self.fresh.try_reserve(self.fresh.len()).map_err(|_| Error::NoMemory)?;
+            self.fresh
+                .try_reserve(self.fresh.len())
+                .map_err(|_| Error::NoMemory)?;
         }
-        let n = Box::into_raw(try_box(Node { body: UnsafeCell::new(body), free_check: FreeCheck::new() })?);
+        let n = Box::into_raw(try_box(Node {
+            body: UnsafeCell::new(body),
+            free_check: FreeCheck::new(),
+        })?);
         self.fresh.push(n);
         Ok(n)
     }
 
     fn retire(&mut self, n: *const Node<V>) -> Result<()> {
         if self.retired.len() == self.retired.capacity() {
-            self.retired.try_reserve(self.retired.len()).map_err(|_| Error::NoMemory)?;
+            self.retired
+                .try_reserve(self.retired.len())
+                .map_err(|_| Error::NoMemory)?;
         }
         self.retired.push(n as *mut Node<V>);
         Ok(())
@@ -204,8 +226,20 @@ enum Ins<V> {
 
 /// The copy-on-write B-tree. See the [module docs](self).
 pub struct ProbeTree<V> {
+    /// The published root: stored (Release) only by writers, loaded (Acquire) only by readers.
     root: AtomicPtr<Node<V>>,
+    /// The published entry count (a snapshot for readers).
     len: AtomicUsize,
+    /// The writers' own copy of root and count, read and written only under the write lock.
+    /// Writers never load the published root: a writer's own load of it would be a second
+    /// access that hides, from loom's race tracking, the race between its store and a reader's
+    /// earlier load (tokio-rs/loom#392-style); and it keeps writers off the readers' line.
+    writer: UnsafeCell<WriterView<V>>,
+}
+
+struct WriterView<V> {
+    root: *mut Node<V>,
+    len: usize,
 }
 
 // SAFETY: the tree hands out `*const V` only; nodes are shared immutably after publication and
@@ -216,7 +250,9 @@ unsafe impl<V> Sync for ProbeTree<V> {}
 
 impl<V> core::fmt::Debug for ProbeTree<V> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("ProbeTree").field("len", &self.len()).finish()
+        f.debug_struct("ProbeTree")
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -229,7 +265,14 @@ impl<V> Default for ProbeTree<V> {
 impl<V> ProbeTree<V> {
     /// An empty tree.
     pub fn new() -> Self {
-        Self { root: AtomicPtr::new(ptr::null_mut()), len: AtomicUsize::new(0) }
+        Self {
+            root: AtomicPtr::new(ptr::null_mut()),
+            len: AtomicUsize::new(0),
+            writer: UnsafeCell::new(WriterView {
+                root: ptr::null_mut(),
+                len: 0,
+            }),
+        }
     }
 
     /// Number of entries (exact under the write lock; a snapshot otherwise).
@@ -250,15 +293,43 @@ impl<V> ProbeTree<V> {
         self.root.load(Ordering::Acquire)
     }
 
-    /// Looks `key` up.
+    /// The writers' root.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the write lock.
+    #[inline(always)]
+    unsafe fn writer_root(&self) -> *mut Node<V> {
+        // SAFETY: the write lock serializes every access to the writer view.
+        self.writer.with(|w| unsafe { (*w).root })
+    }
+
+    /// Looks `key` up (the reader side).
     ///
     /// # Safety
     ///
     /// The caller holds a read guard of the RCU domain this tree's writers retire nodes through,
-    /// or the tree's write lock, for as long as it uses the result's pointee through the tree.
+    /// for as long as it uses the result's pointee through the tree.
     #[inline]
     pub unsafe fn get(&self, key: &ProbeKey) -> Option<*const V> {
-        let mut n = self.load_root();
+        // SAFETY: the caller's contract.
+        unsafe { Self::get_from(self.load_root(), key) }
+    }
+
+    /// Looks `key` up from the writer side.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the tree's write lock.
+    #[inline]
+    pub unsafe fn get_locked(&self, key: &ProbeKey) -> Option<*const V> {
+        // SAFETY: the caller's contract: nothing reachable from the writers' root is freed while
+        // the write lock is held.
+        unsafe { Self::get_from(self.writer_root(), key) }
+    }
+
+    #[inline(always)]
+    unsafe fn get_from(mut n: *mut Node<V>, key: &ProbeKey) -> Option<*const V> {
         if n.is_null() {
             return None;
         }
@@ -278,7 +349,12 @@ impl<V> ProbeTree<V> {
     /// # Safety
     ///
     /// As for [`ProbeTree::get`].
-    pub unsafe fn range(&self, lo: &ProbeKey, hi: &ProbeKey, mut f: impl FnMut(&ProbeKey, *const V) -> bool) {
+    pub unsafe fn range(
+        &self,
+        lo: &ProbeKey,
+        hi: &ProbeKey,
+        mut f: impl FnMut(&ProbeKey, *const V) -> bool,
+    ) {
         let n = self.load_root();
         if !n.is_null() && lo < hi {
             // SAFETY: the caller's contract.
@@ -331,7 +407,6 @@ impl<V> ProbeTree<V> {
         }
         true
     }
-
 }
 
 impl<V: 'static> ProbeTree<V> {
@@ -342,10 +417,16 @@ impl<V: 'static> ProbeTree<V> {
     ///
     /// Writers are serialized (the caller holds the tree's write lock), and every writer of this
     /// tree passes the same RCU domain, which readers hold guards of.
-    pub unsafe fn insert<R: Rcu>(&self, rcu: &R, key: ProbeKey, val: *const V) -> Result<Option<*const V>> {
+    pub unsafe fn insert<R: Rcu>(
+        &self,
+        rcu: &R,
+        key: ProbeKey,
+        val: *const V,
+    ) -> Result<Option<*const V>> {
         let mut bld = Builder::new()?;
         let mut old = None;
-        let root = self.load_root();
+        // SAFETY: write lock held (caller).
+        let root = unsafe { self.writer_root() };
         let built = if root.is_null() {
             let mut b = Body::empty(true);
             b.insert_at(0, key, val as *const ());
@@ -371,12 +452,9 @@ impl<V: 'static> ProbeTree<V> {
                 return Err(e);
             }
         };
+        let grow = usize::from(old.is_none());
         // SAFETY: the caller's contract (serialized writers, one domain).
-        unsafe { self.publish(rcu, bld, new_root)? };
-        if old.is_none() {
-            // Relaxed: the counter is only written by serialized writers.
-            self.len.store(self.len() + 1, Ordering::Relaxed);
-        }
+        unsafe { self.publish(rcu, bld, new_root, grow, 0)? };
         Ok(old)
     }
 
@@ -387,7 +465,8 @@ impl<V: 'static> ProbeTree<V> {
     ///
     /// As for [`ProbeTree::insert`].
     pub unsafe fn remove<R: Rcu>(&self, rcu: &R, key: &ProbeKey) -> Result<Option<*const V>> {
-        let root = self.load_root();
+        // SAFETY: write lock held (caller).
+        let root = unsafe { self.writer_root() };
         if root.is_null() {
             return Ok(None);
         }
@@ -417,14 +496,24 @@ impl<V: 'static> ProbeTree<V> {
             }
         };
         // SAFETY: the caller's contract.
-        unsafe { self.publish(rcu, bld, new_root)? };
-        // Relaxed: only serialized writers write the counter.
-        self.len.store(self.len() - 1, Ordering::Relaxed);
+        unsafe { self.publish(rcu, bld, new_root, 0, 1)? };
         Ok(old)
     }
 
-    /// Publishes `new_root` and defers the free of the nodes it replaced.
-    unsafe fn publish<R: Rcu>(&self, rcu: &R, bld: Builder<V>, new_root: *mut Node<V>) -> Result<()> {
+    /// Publishes `new_root` (with the count changed by `+grow - shrink`) and defers the free of
+    /// the nodes it replaced.
+    ///
+    /// # Safety
+    ///
+    /// As for [`ProbeTree::insert`].
+    unsafe fn publish<R: Rcu>(
+        &self,
+        rcu: &R,
+        bld: Builder<V>,
+        new_root: *mut Node<V>,
+        grow: usize,
+        shrink: usize,
+    ) -> Result<()> {
         let Builder { fresh, retired } = bld;
         struct SendNodes<V>(Vec<*mut Node<V>>);
         // SAFETY: the nodes are unreachable once the callback runs; freeing them from any thread
@@ -442,7 +531,11 @@ impl<V: 'static> ProbeTree<V> {
         let cb = match cb {
             Ok(cb) => cb,
             Err(e) => {
-                Builder { fresh, retired: Vec::new() }.abort();
+                Builder {
+                    fresh,
+                    retired: Vec::new(),
+                }
+                .abort();
                 return Err(e);
             }
         };
@@ -454,8 +547,16 @@ impl<V: 'static> ProbeTree<V> {
         };
         #[cfg(not(loom))]
         let order = Ordering::Release;
+        // SAFETY: write lock held (caller): the writer view is ours.
+        let len = self.writer.with_mut(|w| unsafe {
+            (*w).root = new_root;
+            (*w).len = (*w).len + grow - shrink;
+            (*w).len
+        });
         // Release pairs with the Acquire load in `load_root`: publishes the fresh nodes' bodies.
         self.root.store(new_root, order);
+        // Relaxed: a snapshot for `len()`; written only by serialized writers.
+        self.len.store(len, Ordering::Relaxed);
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::TreeFreeNodesEarly) {
             cb.run();
@@ -518,7 +619,13 @@ impl<V: 'static> ProbeTree<V> {
     }
 
     /// `b` is full: insert `(k, p)` at `i` into a copy and split it in two.
-    fn split_with(bld: &mut Builder<V>, b: &Body<V>, i: usize, k: ProbeKey, p: *const ()) -> Result<Ins<V>> {
+    fn split_with(
+        bld: &mut Builder<V>,
+        b: &Body<V>,
+        i: usize,
+        k: ProbeKey,
+        p: *const (),
+    ) -> Result<Ins<V>> {
         let mut keys = [ProbeKey::MIN; B + 1];
         let mut ptrs = [ptr::null(); B + 1];
         keys[..i].copy_from_slice(&b.keys[..i]);
@@ -585,7 +692,10 @@ impl<V: 'static> ProbeTree<V> {
     /// evenly filled ones.
     fn rebalance(bld: &mut Builder<V>, parent: &mut Body<V>, li: usize) -> Result<()> {
         let ri = li + 1;
-        let (ln, rn) = (parent.ptrs[li] as *const Node<V>, parent.ptrs[ri] as *const Node<V>);
+        let (ln, rn) = (
+            parent.ptrs[li] as *const Node<V>,
+            parent.ptrs[ri] as *const Node<V>,
+        );
         // SAFETY: children of a node under construction: fresh or reachable, write lock held.
         let (lb, rb) = unsafe { (body(ln), body(rn)) };
         let total = lb.len + rb.len;
@@ -616,7 +726,6 @@ impl<V: 'static> ProbeTree<V> {
         }
         Ok(())
     }
-
 }
 
 impl<V> ProbeTree<V> {
@@ -632,7 +741,11 @@ impl<V> ProbeTree<V> {
             h += 1;
             // SAFETY: the caller's contract.
             let b = unsafe { body(n) };
-            n = if b.leaf { ptr::null_mut() } else { b.ptrs[0] as *mut Node<V> };
+            n = if b.leaf {
+                ptr::null_mut()
+            } else {
+                b.ptrs[0] as *mut Node<V>
+            };
         }
         h
     }
@@ -644,7 +757,12 @@ impl<V> ProbeTree<V> {
     /// As for [`ProbeTree::get`].
     #[cfg(test)]
     pub(crate) unsafe fn check(&self) -> usize {
-        unsafe fn walk<V>(n: *const Node<V>, lo: Option<ProbeKey>, hi: Option<ProbeKey>, root: bool) -> (usize, usize) {
+        unsafe fn walk<V>(
+            n: *const Node<V>,
+            lo: Option<ProbeKey>,
+            hi: Option<ProbeKey>,
+            root: bool,
+        ) -> (usize, usize) {
             // SAFETY: the caller's contract.
             let b = unsafe { body(n) };
             assert!(b.len >= 1 && b.len <= B);
@@ -669,7 +787,11 @@ impl<V> ProbeTree<V> {
             let mut height = None;
             for i in 0..b.len {
                 let clo = if i == 0 { lo } else { Some(b.keys[i]) };
-                let chi = if i + 1 < b.len { Some(b.keys[i + 1]) } else { hi };
+                let chi = if i + 1 < b.len {
+                    Some(b.keys[i + 1])
+                } else {
+                    hi
+                };
                 if i > 0 {
                     assert!(b.keys[i - 1] < b.keys[i] || i == 1);
                 }

@@ -77,7 +77,10 @@ impl EpochRcu {
     /// A new domain whose grace-period wait calls `relax` between polls (yield to a scheduler,
     /// say).
     pub fn with_relax(relax: fn()) -> Self {
-        Self { collector: Collector::new(), relax }
+        Self {
+            collector: Collector::new(),
+            relax,
+        }
     }
 }
 
@@ -90,16 +93,22 @@ unsafe impl Rcu for EpochRcu {
     type Guard<'r> = EpochGuard;
 
     fn register(&self) -> crate::Result<EpochReader> {
-        Ok(EpochReader { handle: self.collector.register() })
+        Ok(EpochReader {
+            handle: self.collector.register(),
+        })
     }
 
     #[inline]
     fn read_lock<'r>(&'r self, reader: &'r EpochReader) -> EpochGuard {
         if reader.handle.collector() == &self.collector {
-            EpochGuard { _guard: reader.handle.pin() }
+            EpochGuard {
+                _guard: reader.handle.pin(),
+            }
         } else {
             // The guard keeps the temporary participant alive until it is dropped.
-            EpochGuard { _guard: self.collector.register().pin() }
+            EpochGuard {
+                _guard: self.collector.register().pin(),
+            }
         }
     }
 

@@ -34,11 +34,12 @@
 //!
 //! Readers must not call `synchronize` inside their own read section (it would wait for itself).
 
+#[cfg(not(loom))]
 mod epoch;
 mod slot;
 
 #[cfg(not(loom))]
-pub use epoch::{EpochGuard, EpochReader, EpochRcu};
+pub use epoch::{EpochGuard, EpochRcu, EpochReader};
 pub use slot::{SlotGuard, SlotRcu, SlotReader};
 
 use crate::alloc_util::try_box;
@@ -71,7 +72,10 @@ impl Deferred {
     /// Allocates the callback. Fails with [`crate::Error::NoMemory`], never aborts.
     pub fn new(f: impl FnOnce() + Send + 'static) -> crate::Result<Self> {
         let f: Box<dyn FnOnce() + Send> = try_box(f)?;
-        Ok(Self(try_box(DeferredNode { next: ptr::null_mut(), f })?))
+        Ok(Self(try_box(DeferredNode {
+            next: ptr::null_mut(),
+            f,
+        })?))
     }
 
     /// Runs the callback now.

@@ -37,7 +37,8 @@
 //! # Invariants
 //!
 //! * A slot's counter is written only by the reader that owns it (`in_use`), so the read side
-//!   never writes a line another reader writes.
+//!   never writes a line another reader writes; the owner keeps a private shadow of it, so
+//!   entering and leaving a section are one store each and never load the slot.
 //! * Slots are freed only when the domain is dropped; readers borrow the domain, so none is left.
 //! * Every callback on the pending stack was queued before the scan that runs it started.
 
@@ -112,6 +113,9 @@ pub struct SlotReader<'d> {
     slot: &'d Slot,
     domain: &'d SlotRcu,
     nest: Cell<usize>,
+    /// This reader's private copy of its slot's counter: entering and leaving a read section is
+    /// then one store each, with no load of the shared slot.
+    shadow: Cell<usize>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -130,7 +134,9 @@ impl SlotReader<'_> {
 
 impl core::fmt::Debug for SlotReader<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("SlotReader").field("nest", &self.nest.get()).finish()
+        f.debug_struct("SlotReader")
+            .field("nest", &self.nest.get())
+            .finish()
     }
 }
 
@@ -163,7 +169,16 @@ impl SlotRcu {
     }
 
     fn reader_for<'d>(&'d self, slot: &'d Slot) -> SlotReader<'d> {
-        SlotReader { slot, domain: self, nest: Cell::new(0), _not_sync: PhantomData }
+        // Relaxed: the slot was just claimed with an Acquire CAS (or is fresh), which ordered the
+        // previous owner's last store before this load.
+        let shadow = Cell::new(slot.state.load(Ordering::Relaxed));
+        SlotReader {
+            slot,
+            domain: self,
+            nest: Cell::new(0),
+            shadow,
+            _not_sync: PhantomData,
+        }
     }
 
     /// Waits until every read section that was open when this was called has ended.
@@ -215,7 +230,11 @@ unsafe impl Rcu for SlotRcu {
             let slot = unsafe { &*p };
             // Acquire pairs with the Release store in `SlotReader::drop`: the previous owner's
             // last section is over before the new owner touches the counter.
-            if slot.in_use.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            if slot
+                .in_use
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
                 return Ok(self.reader_for(slot));
             }
             p = slot.next;
@@ -232,7 +251,10 @@ unsafe impl Rcu for SlotRcu {
             unsafe { (&mut *fresh).next = head };
             // Release publishes the slot's fields (pairs with the Acquire loads that walk the
             // list, here and in `wait_for_readers`).
-            match self.slots.compare_exchange(head, fresh, Ordering::Release, Ordering::Relaxed) {
+            match self
+                .slots
+                .compare_exchange(head, fresh, Ordering::Release, Ordering::Relaxed)
+            {
                 // SAFETY: published, and freed only when the domain is dropped.
                 Ok(_) => return Ok(self.reader_for(unsafe { &*fresh })),
                 Err(h) => head = h,
@@ -246,13 +268,17 @@ unsafe impl Rcu for SlotRcu {
             self.overflow.fetch_add(1, Ordering::Relaxed);
             // R-enter for the overflow counter; pairs with U-scan as for a slot.
             fence(Ordering::SeqCst);
-            return SlotGuard { how: Entered::Overflow(self) };
+            return SlotGuard {
+                how: Entered::Overflow(self),
+            };
         }
         // Lifetime shortening: a `&'r SlotReader<'d>` with 'd: 'r is a `&'r SlotReader<'r>`
         // (the handle is covariant in its domain borrow).
         let reader: &'r SlotReader<'r> = reader;
         enter(reader);
-        SlotGuard { how: Entered::Slot(reader) }
+        SlotGuard {
+            how: Entered::Slot(reader),
+        }
     }
 
     fn defer(&self, f: Deferred) {
@@ -263,7 +289,10 @@ unsafe impl Rcu for SlotRcu {
             // SAFETY: `node` is not published yet; we own it.
             unsafe { (*node).next = head };
             // Release publishes the node (pairs with the Acquire swap in `synchronize`).
-            match self.pending.compare_exchange(head, node, Ordering::Release, Ordering::Relaxed) {
+            match self
+                .pending
+                .compare_exchange(head, node, Ordering::Release, Ordering::Relaxed)
+            {
                 Ok(_) => return,
                 Err(h) => head = h,
             }
@@ -292,9 +321,11 @@ fn enter(reader: &SlotReader<'_>) {
     let n = reader.nest.get();
     reader.nest.set(n + 1);
     if n == 0 {
-        // Relaxed: only this reader writes its slot; ordered by the fence below.
-        let s = reader.slot.state.load(Ordering::Relaxed);
-        reader.slot.state.store(s.wrapping_add(1), Ordering::Relaxed);
+        // Only this reader writes its slot, so its shadow is the slot's value: no load needed.
+        let s = reader.shadow.get().wrapping_add(1);
+        reader.shadow.set(s);
+        // Relaxed: ordered before the section's loads by the fence below.
+        reader.slot.state.store(s, Ordering::Relaxed);
         #[cfg(loom)]
         let skip = crate::seeded::is(crate::seeded::Bug::RcuReaderNoFence);
         #[cfg(not(loom))]
@@ -311,10 +342,10 @@ fn exit(reader: &SlotReader<'_>) {
     let n = reader.nest.get() - 1;
     reader.nest.set(n);
     if n == 0 {
-        // Relaxed load: only this reader writes its slot.
-        let s = reader.slot.state.load(Ordering::Relaxed);
+        let s = reader.shadow.get().wrapping_add(1);
+        reader.shadow.set(s);
         // R-exit. Release pairs with the Acquire loads in `wait_for_readers`.
-        reader.slot.state.store(s.wrapping_add(1), Ordering::Release);
+        reader.slot.state.store(s, Ordering::Release);
     }
 }
 

@@ -1,0 +1,108 @@
+//! Shared by the loom models: running a model with a seeded bug and checking it was caught for
+//! the right reason.
+
+#![allow(dead_code)]
+
+use probe_core::seeded::{self, Bug};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// What a model reports when it catches a bug: loom's own race detector on a facade
+/// `UnsafeCell`/`FreeCheck`, or one of the models' assertions.
+pub const CAUGHT: &[&str] = &[
+    "Causality violation",
+    "use after free",
+    "torn snapshot",
+    "consumer called after",
+    "lost update",
+];
+
+/// Runs `model` with `bug` switched on and asserts it fails with one of [`CAUGHT`].
+///
+/// A seeded-bug model that passes, or that fails for an unrelated reason (a deadlock, a leak, a
+/// coverage assertion), is a broken model, and this says so.
+pub fn must_catch(bug: Bug, model: impl FnOnce()) {
+    seeded::set(bug);
+    let r = catch_unwind(AssertUnwindSafe(model));
+    seeded::set(Bug::None);
+    let err = match r {
+        Ok(()) => panic!("the model did not catch the seeded bug {bug:?}"),
+        Err(e) => e,
+    };
+    let msg = err
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        CAUGHT.iter().any(|c| msg.contains(c)),
+        "the model failed on seeded bug {bug:?}, but not by catching it: {msg}"
+    );
+}
+
+/// A loom model builder with a preemption bound, for models with more than two threads.
+pub fn bounded(bound: usize) -> loom::model::Builder {
+    let mut b = loom::model::Builder::new();
+    b.preemption_bound = Some(bound);
+    b
+}
+
+use probe_core::lock::SpinLock;
+use probe_core::probe::{ObjectId, ProbeKey};
+use probe_core::rcu::SlotRcu;
+use probe_core::registry::Registry;
+use probe_core::sync::FreeCheck;
+
+/// A consumer whose use after its unregistration (+ `sync`) is a detected race.
+#[derive(Debug, Default)]
+pub struct Tracked {
+    pub check: FreeCheck,
+}
+
+impl Tracked {
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self::default())
+    }
+    /// What a hit does with a consumer.
+    pub fn call(&self) {
+        self.check.check();
+    }
+}
+
+/// The registry the models use: the loom-checkable RCU, one object lock (fewer loom objects;
+/// the hashing is not what is being checked).
+pub type Reg = Registry<Tracked, SlotRcu, SpinLock, 1>;
+
+pub fn key(object: u64, offset: u64) -> ProbeKey {
+    ProbeKey::new(ObjectId(object), offset)
+}
+
+/// Counts a model's executions and prints the count (the suite's size, in the test output).
+pub struct Executions {
+    name: &'static str,
+    n: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Executions {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            n: Default::default(),
+        }
+    }
+    /// A handle to bump once per execution, from inside the model closure.
+    pub fn counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        self.n.clone()
+    }
+}
+
+impl Drop for Executions {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            eprintln!(
+                "loom model {}: {} executions",
+                self.name,
+                self.n.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+    }
+}
