@@ -12,16 +12,6 @@ use alloc::alloc::{Layout, alloc};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-#[cfg(test)]
-mod failpoint {
-    extern crate std;
-    use std::cell::Cell;
-    std::thread_local! {
-        /// `Some(n)`: the allocation after `n` more successful ones fails.
-        pub(super) static FAIL_AFTER: Cell<Option<usize>> = const { Cell::new(None) };
-    }
-}
-
 /// Test builds only: make this thread's allocation number `n` (0-based) from now fail.
 /// `None` switches the failpoint off.
 #[cfg(test)]
@@ -33,7 +23,7 @@ pub(crate) fn fail_after(n: Option<usize>) {
 fn injected_failure() -> bool {
     #[cfg(test)]
     {
-        return failpoint::FAIL_AFTER.with(|c| match c.get() {
+        failpoint::FAIL_AFTER.with(|c| match c.get() {
             Some(0) => {
                 c.set(None);
                 true
@@ -43,7 +33,7 @@ fn injected_failure() -> bool {
                 false
             }
             None => false,
-        });
+        })
     }
     #[cfg(not(test))]
     false
@@ -79,4 +69,14 @@ pub(crate) fn try_vec_with_capacity<T>(n: usize) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| Error::NoMemory)?;
     Ok(v)
+}
+
+#[cfg(test)]
+mod failpoint {
+    extern crate std;
+    use std::cell::Cell;
+    std::thread_local! {
+        /// `Some(n)`: the allocation after `n` more successful ones fails.
+        pub(super) static FAIL_AFTER: Cell<Option<usize>> = const { Cell::new(None) };
+    }
 }

@@ -520,9 +520,10 @@ where
         let p = unsafe { self.reg.tree.get(key) }?;
         // SAFETY: reached under the guard: allocated until the guard ends (a grace period after
         // it leaves the tree).
+        let probe = unsafe { &*p };
         Some(ProbeView {
             reg: self.reg,
-            probe: unsafe { &*p },
+            probe,
         })
     }
 

@@ -55,24 +55,29 @@ proptest! {
             // SAFETY (all tree calls): this thread is the only writer and reader.
             match op {
                 Op::Insert(o, k, v) => {
+                    // SAFETY: single-threaded test: the only writer and the only reader.
                     let old = unsafe { tree.insert(&rcu, key(o.into(), k.into()), fake(v.into())) }.unwrap();
                     prop_assert_eq!(old, oracle.insert(key(o.into(), k.into()), fake(v.into())));
                 }
                 Op::Remove(o, k) => {
+                    // SAFETY: single-threaded test: the only writer and the only reader.
                     let old = unsafe { tree.remove(&rcu, &key(o.into(), k.into())) }.unwrap();
                     prop_assert_eq!(old, oracle.remove(&key(o.into(), k.into())));
                 }
                 Op::Get(o, k) => {
+                    // SAFETY: single-threaded test: the only writer and the only reader.
                     prop_assert_eq!(unsafe { tree.get(&key(o.into(), k.into())) }, oracle.get(&key(o.into(), k.into())).copied());
                 }
                 Op::Range(o, a, b) => {
                     let (lo, hi) = (key(o.into(), a.into()), key(o.into(), b.into()));
                     let mut got = Vec::new();
+                    // SAFETY: single-threaded test: the only writer and the only reader.
                     unsafe { tree.range(&lo, &hi, |k, v| { got.push((*k, v)); true }) };
                     let want: Vec<_> = if lo < hi { oracle.range(lo..hi).map(|(k, v)| (*k, *v)).collect() } else { Vec::new() };
                     prop_assert_eq!(got, want);
                 }
             }
+            // SAFETY: single-threaded test: the only writer and the only reader.
             prop_assert_eq!(unsafe { tree.check() }, oracle.len());
             prop_assert_eq!(tree.len(), oracle.len());
             rcu.synchronize();
@@ -98,6 +103,7 @@ fn tree_height_stays_logarithmic() {
     for i in 0..99_000u64 {
         // SAFETY: single thread.
         assert!(
+            // SAFETY: single-threaded test: the only writer and the only reader.
             unsafe { tree.remove(&rcu, &key(1, i * 4)) }
                 .unwrap()
                 .is_some()
