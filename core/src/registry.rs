@@ -58,7 +58,7 @@
 //! assert!(reg.read(&reader).lookup(&key).is_none());
 //! ```
 
-use crate::alloc_util::{try_box, try_vec_with_capacity};
+use crate::alloc_util::try_box;
 use crate::error::{Error, Result};
 use crate::lock::{CachePadded, DEFAULT_LOCK_SLOTS, LockTable, RawGuard, RawLock, SpinLock};
 use crate::probe::{ConsumerList, ObjectId, Probe, ProbeKey};
@@ -235,10 +235,11 @@ where
         if items.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
             return Err(Error::DuplicateConsumer);
         }
-        let mut v = try_vec_with_capacity(items.len() + 1)?;
-        v.extend(items.iter().cloned());
-        v.push(consumer);
-        let new = Box::into_raw(try_box(ConsumerList::new(v))?);
+        let list = ConsumerList::new(
+            items.len() + 1,
+            items.iter().cloned().chain(core::iter::once(consumer)),
+        )?;
+        let new = Box::into_raw(try_box(list)?);
         // SAFETY: `new` is ours and unpublished; `old` is the current list, which only we
         // (holding the object's lock) replace.
         unsafe { self.publish_consumers(probe, old, new) }.inspect_err(|_| {
@@ -266,15 +267,12 @@ where
         let new = if items.len() == 1 {
             ptr::null_mut()
         } else {
-            let mut v = try_vec_with_capacity(items.len() - 1)?;
-            v.extend(
-                items
-                    .iter()
-                    .enumerate()
-                    .filter(|&(i, _)| i != at)
-                    .map(|(_, c)| c.clone()),
-            );
-            Box::into_raw(try_box(ConsumerList::new(v))?)
+            let rest = items
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != at)
+                .map(|(_, c)| c.clone());
+            Box::into_raw(try_box(ConsumerList::new(items.len() - 1, rest)?)?)
         };
         // SAFETY: as in `add_consumer`.
         unsafe { self.publish_consumers(probe, old, new) }.inspect_err(|_| {
@@ -339,9 +337,7 @@ where
     /// Creates a probe with one consumer and puts it in the tree (over a dying one, if any).
     /// Caller holds the object's lock.
     fn insert_new(&self, key: ProbeKey, consumer: Arc<C>) -> Result<()> {
-        let mut v = try_vec_with_capacity(1)?;
-        v.push(consumer);
-        let list = Box::into_raw(try_box(ConsumerList::new(v))?);
+        let list = Box::into_raw(try_box(ConsumerList::new(1, core::iter::once(consumer))?)?);
         // INVARIANT: one consumer, so the registration holds the one reference.
         let probe = match try_box(Probe::new(key, 1, list)) {
             Ok(b) => Box::into_raw(b),

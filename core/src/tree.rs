@@ -137,6 +137,8 @@ impl<V> Body<V> {
     }
 }
 
+/// Cache-line aligned so a node's header and first keys share a line and no key straddles two.
+#[repr(align(64))]
 struct Node<V> {
     /// Written once, before publication; read through the facade's `UnsafeCell` so loom checks
     /// that publication orders the write before every read.

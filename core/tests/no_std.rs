@@ -26,7 +26,10 @@ fn build(features: &[&str]) -> (bool, String) {
         cmd.arg("--features").arg(features.join(","));
     }
     let out = cmd.output().expect("running cargo");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -38,6 +41,12 @@ fn links_into_a_no_std_staticlib_with_its_own_panic_handler() {
 #[test]
 fn the_check_fails_when_std_leaks_in() {
     let (ok, stderr) = build(&["leak-std"]);
-    assert!(!ok, "the no_std check passed with std linked in: it cannot detect anything");
-    assert!(stderr.contains("duplicate lang item"), "failed, but not on the duplicate lang item:\n{stderr}");
+    assert!(
+        !ok,
+        "the no_std check passed with std linked in: it cannot detect anything"
+    );
+    assert!(
+        stderr.contains("duplicate lang item"),
+        "failed, but not on the duplicate lang item:\n{stderr}"
+    );
 }
