@@ -543,3 +543,109 @@ fn foreign_reader_still_gets_a_protecting_guard() {
     });
     assert!(freed.load(Ordering::SeqCst));
 }
+
+// ---------------------------------------------------------------- registry vs oracle
+
+#[derive(Clone, Debug)]
+enum RegOp {
+    Register(u8, u8, usize),
+    Unregister(u8, u8, usize),
+    Hold(u8, u8),
+    Release(usize),
+    Sync,
+}
+
+fn reg_op() -> impl Strategy<Value = RegOp> {
+    prop_oneof![
+        5 => (0u8..3, 0u8..24, 0usize..5).prop_map(|(o, k, c)| RegOp::Register(o, k, c)),
+        4 => (0u8..3, 0u8..24, 0usize..5).prop_map(|(o, k, c)| RegOp::Unregister(o, k, c)),
+        1 => (0u8..3, 0u8..24).prop_map(|(o, k)| RegOp::Hold(o, k)),
+        1 => (0usize..8).prop_map(RegOp::Release),
+        1 => Just(RegOp::Sync),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The registry behaves as a map from key to an ordered set of consumers: the same results
+    /// (errors included) and the same contents after every step, with counted references held
+    /// and released in between (a held probe with no consumers stays visible, with none).
+    #[test]
+    fn registry_matches_oracle(ops in proptest::collection::vec(reg_op(), 1..300)) {
+        let reg: Registry<Hook, SlotRcu> = Registry::new(SlotRcu::new());
+        let reader = reg.rcu().register().unwrap();
+        let consumers: Vec<Arc<Hook>> = (0..5).map(|_| counting().0).collect();
+        let mut oracle: BTreeMap<ProbeKey, Vec<usize>> = BTreeMap::new();
+        let mut held = Vec::new();
+        for op in ops {
+            match op {
+                RegOp::Register(o, k, c) => {
+                    let key = key(o.into(), u64::from(k) * 4);
+                    let want = if oracle.get(&key).is_some_and(|v| v.contains(&c)) {
+                        Err(Error::DuplicateConsumer)
+                    } else {
+                        oracle.entry(key).or_default().push(c);
+                        Ok(())
+                    };
+                    prop_assert_eq!(reg.register(key, consumers[c].clone()), want);
+                }
+                RegOp::Unregister(o, k, c) => {
+                    let key = key(o.into(), u64::from(k) * 4);
+                    let got = reg.unregister(&key, &consumers[c]);
+                    let live = oracle.get(&key).is_some_and(|v| !v.is_empty())
+                        || held.iter().any(|h: &crate::registry::ProbeRef<'_, Hook, SlotRcu, crate::lock::SpinLock, 64>| h.key() == key);
+                    let want = match oracle.get_mut(&key) {
+                        Some(v) if v.contains(&c) => {
+                            v.retain(|&x| x != c);
+                            Ok(())
+                        }
+                        _ if live => Err(Error::UnknownConsumer),
+                        _ => Err(Error::UnknownProbe),
+                    };
+                    if oracle.get(&key).is_some_and(|v| v.is_empty()) {
+                        oracle.remove(&key);
+                    }
+                    prop_assert_eq!(got, want);
+                }
+                RegOp::Hold(o, k) => {
+                    let key = key(o.into(), u64::from(k) * 4);
+                    let g = reg.read(&reader);
+                    if let Some(p) = g.lookup(&key) {
+                        if let Some(r) = g.hold(p) {
+                            held.push(r);
+                        }
+                    }
+                }
+                RegOp::Release(i) => {
+                    if !held.is_empty() {
+                        let i = i % held.len();
+                        held.swap_remove(i);
+                    }
+                }
+                RegOp::Sync => reg.sync(),
+            }
+            // Contents: every oracle key has exactly its consumers, in registration order.
+            let g = reg.read(&reader);
+            for (k, cs) in &oracle {
+                let p = g.lookup(k);
+                prop_assert!(p.is_some(), "{:?} missing", k);
+                let got = p.unwrap().consumers();
+                prop_assert_eq!(got.len(), cs.len());
+                for (a, &b) in got.iter().zip(cs) {
+                    prop_assert!(Arc::ptr_eq(a, &consumers[b]));
+                }
+            }
+            // Nothing else is in the tree except held probes (with no consumers).
+            let mut extra = 0;
+            g.probes_in(ObjectId(0), 0..u64::MAX, |_| { extra += 1; true });
+            g.probes_in(ObjectId(1), 0..u64::MAX, |_| { extra += 1; true });
+            g.probes_in(ObjectId(2), 0..u64::MAX, |_| { extra += 1; true });
+            let held_only = held.iter().map(|h| h.key()).filter(|k| !oracle.contains_key(k)).collect::<std::collections::BTreeSet<_>>().len();
+            prop_assert_eq!(extra, oracle.len() + held_only);
+            prop_assert_eq!(reg.len(), oracle.len() + held_only);
+        }
+        drop(held);
+        reg.sync();
+    }
+}

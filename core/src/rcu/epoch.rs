@@ -19,6 +19,10 @@
 //!   runs expired callbacks) until the flag is set.
 //!
 //! Not built under loom: loom cannot see crossbeam's atomics. Loom checks [`super::SlotRcu`].
+//!
+//! **Not for signal handlers or interrupts**: crossbeam's `pin` runs a garbage collection step
+//! every 128 pins, which may run deferred callbacks (frees) on the pinning thread. Use
+//! [`super::SlotRcu`] (or the kernel's RCU) where the read side must be async-signal-safe.
 
 use super::{Deferred, Rcu};
 use crate::sync::{AtomicBool, Ordering};

@@ -34,6 +34,9 @@
 //! calls `synchronize` from a context outside any read section (a worker, a timer), as a kernel
 //! runs RCU callbacks from softirq.
 //!
+//! The read side is async-signal-safe: entering and leaving are a store and a fence on the
+//! reader's own slot (re-entrant through the nesting count), never an allocation, lock or free.
+//!
 //! # Invariants
 //!
 //! * A slot's counter is written only by the reader that owns it (`in_use`), so the read side
