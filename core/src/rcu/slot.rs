@@ -34,8 +34,11 @@
 //! calls `synchronize` from a context outside any read section (a worker, a timer), as a kernel
 //! runs RCU callbacks from softirq.
 //!
-//! The read side is async-signal-safe: entering and leaving are a store and a fence on the
-//! reader's own slot (re-entrant through the nesting count), never an allocation, lock or free.
+//! The read side is async-signal-safe provided a signal handler (or interrupt) enters through
+//! its own reader handle, never one the code it interrupted may be entering or leaving with:
+//! entering and leaving are a store and a fence on the reader's own slot, never an allocation,
+//! lock or free. (Re-entering the *same* handle between the outer exit's nesting update and its
+//! store could announce "not reading" too early; a handle per context rules that out.)
 //!
 //! # Invariants
 //!
