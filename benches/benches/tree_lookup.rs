@@ -48,117 +48,113 @@ fn batch(all: &[ProbeKey]) -> Vec<ProbeKey> {
         .collect()
 }
 
-fn lookups(c: &mut Criterion) {
-    for n in [1_000usize, 100_000] {
-        let all = keys(n);
-        let probe_keys = batch(&all);
-        let consumer: Arc<Consumer> = Arc::new(|| {});
-        let map: BTreeMap<ProbeKey, Vec<Arc<Consumer>>> =
-            all.iter().map(|k| (*k, vec![consumer.clone()])).collect();
+/// Calls every consumer; returns how many.
+#[inline(always)]
+fn call_all(cs: &[Arc<Consumer>]) -> usize {
+    for c in cs {
+        c();
+    }
+    cs.len()
+}
 
-        let epoch: Registry<Consumer, EpochRcu> = Registry::new(EpochRcu::new());
-        let slot: Registry<Consumer, SlotRcu> = Registry::new(SlotRcu::new());
+/// One iteration: resolve every key of the batch with `hit` (which calls the consumers it finds
+/// and returns how many) and check that every key was found, so all implementations do the same
+/// work. Generic, so each implementation's closure is inlined.
+#[inline(always)]
+fn batch_hits(keys: &[ProbeKey], mut hit: impl FnMut(&ProbeKey) -> usize) {
+    let found: usize = keys.iter().map(&mut hit).sum();
+    assert_eq!(black_box(found), BATCH);
+}
+
+/// The maps every implementation holds: the same keys, one consumer each.
+struct Fixture {
+    probe_keys: Vec<ProbeKey>,
+    map: BTreeMap<ProbeKey, Vec<Arc<Consumer>>>,
+    epoch: Registry<Consumer, EpochRcu>,
+    slot: Registry<Consumer, SlotRcu>,
+    mutex: Mutex<BTreeMap<ProbeKey, Vec<Arc<Consumer>>>>,
+    rwlock: RwLock<BTreeMap<ProbeKey, Vec<Arc<Consumer>>>>,
+    arcswap: ArcSwap<BTreeMap<ProbeKey, Vec<Arc<Consumer>>>>,
+}
+
+impl Fixture {
+    fn new(n: usize) -> Self {
+        let all = keys(n);
+        let consumer: Arc<Consumer> = Arc::new(|| {});
+        let map: BTreeMap<_, _> = all.iter().map(|k| (*k, vec![consumer.clone()])).collect();
+        let epoch = Registry::new(EpochRcu::new());
+        let slot = Registry::new(SlotRcu::new());
         for k in &all {
             epoch.register(*k, consumer.clone()).unwrap();
             slot.register(*k, consumer.clone()).unwrap();
         }
-        let mutex = Mutex::new(map.clone());
-        let rwlock = RwLock::new(map.clone());
-        let arcswap = ArcSwap::from_pointee(map.clone());
+        Self {
+            probe_keys: batch(&all),
+            mutex: Mutex::new(map.clone()),
+            rwlock: RwLock::new(map.clone()),
+            arcswap: ArcSwap::from_pointee(map.clone()),
+            map,
+            epoch,
+            slot,
+        }
+    }
+}
 
+fn lookups(c: &mut Criterion) {
+    for n in [1_000usize, 100_000] {
+        let f = Fixture::new(n);
+        let keys = &f.probe_keys;
         let mut g = c.benchmark_group(format!("lookup-{n}"));
         g.throughput(Throughput::Elements(BATCH as u64));
         {
-            let reader = epoch.rcu().register().unwrap();
+            let reader = f.epoch.rcu().register().unwrap();
             g.bench_function("probe-core-epoch", |b| {
                 b.iter(|| {
-                    let mut found = 0;
-                    for k in &probe_keys {
-                        let guard = epoch.read(&reader);
-                        if let Some(p) = guard.lookup(k) {
-                            for c in p.consumers() {
-                                c();
-                                found += 1;
-                            }
-                        }
-                    }
-                    assert_eq!(black_box(found), BATCH);
+                    batch_hits(keys, |k| {
+                        f.epoch
+                            .read(&reader)
+                            .lookup(k)
+                            .map_or(0, |p| call_all(p.consumers()))
+                    })
                 })
             });
         }
         {
-            let reader = slot.rcu().register().unwrap();
+            let reader = f.slot.rcu().register().unwrap();
             g.bench_function("probe-core-slot", |b| {
                 b.iter(|| {
-                    let mut found = 0;
-                    for k in &probe_keys {
-                        let guard = slot.read(&reader);
-                        if let Some(p) = guard.lookup(k) {
-                            for c in p.consumers() {
-                                c();
-                                found += 1;
-                            }
-                        }
-                    }
-                    assert_eq!(black_box(found), BATCH);
+                    batch_hits(keys, |k| {
+                        f.slot
+                            .read(&reader)
+                            .lookup(k)
+                            .map_or(0, |p| call_all(p.consumers()))
+                    })
                 })
             });
         }
         g.bench_function("mutex-btreemap", |b| {
             b.iter(|| {
-                let mut found = 0;
-                for k in &probe_keys {
-                    if let Some(cs) = mutex.lock().unwrap().get(k) {
-                        for c in cs {
-                            c();
-                            found += 1;
-                        }
-                    }
-                }
-                assert_eq!(black_box(found), BATCH);
+                batch_hits(keys, |k| {
+                    f.mutex.lock().unwrap().get(k).map_or(0, |cs| call_all(cs))
+                })
             })
         });
         g.bench_function("rwlock-btreemap", |b| {
             b.iter(|| {
-                let mut found = 0;
-                for k in &probe_keys {
-                    if let Some(cs) = rwlock.read().unwrap().get(k) {
-                        for c in cs {
-                            c();
-                            found += 1;
-                        }
-                    }
-                }
-                assert_eq!(black_box(found), BATCH);
+                batch_hits(keys, |k| {
+                    f.rwlock.read().unwrap().get(k).map_or(0, |cs| call_all(cs))
+                })
             })
         });
         g.bench_function("arcswap-btreemap", |b| {
             b.iter(|| {
-                let mut found = 0;
-                for k in &probe_keys {
-                    if let Some(cs) = arcswap.load().get(k) {
-                        for c in cs {
-                            c();
-                            found += 1;
-                        }
-                    }
-                }
-                assert_eq!(black_box(found), BATCH);
+                batch_hits(keys, |k| {
+                    f.arcswap.load().get(k).map_or(0, |cs| call_all(cs))
+                })
             })
         });
         g.bench_function("btreemap-ceiling", |b| {
-            b.iter(|| {
-                let mut found = 0;
-                for k in &probe_keys {
-                    if let Some(cs) = map.get(k) {
-                        for c in cs {
-                            c();
-                            found += 1;
-                        }
-                    }
-                }
-                assert_eq!(black_box(found), BATCH);
-            })
+            b.iter(|| batch_hits(keys, |k| f.map.get(k).map_or(0, |cs| call_all(cs))))
         });
         g.finish();
     }
@@ -195,24 +191,8 @@ fn concurrently<S>(
 fn concurrent_lookups(c: &mut Criterion) {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     for n in [1_000usize, 100_000] {
-        let all = keys(n);
-        let probe_keys = batch(&all);
-        let consumer: Arc<Consumer> = Arc::new(|| {});
-        let map: BTreeMap<ProbeKey, Vec<Arc<Consumer>>> =
-            all.iter().map(|k| (*k, vec![consumer.clone()])).collect();
-        let epoch: Registry<Consumer, EpochRcu> = Registry::new(EpochRcu::new());
-        for k in &all {
-            epoch.register(*k, consumer.clone()).unwrap();
-        }
-        let mutex = Mutex::new(map.clone());
-        let rwlock = RwLock::new(map.clone());
-        let arcswap = ArcSwap::from_pointee(map.clone());
-        let hit = |cs: &[Arc<Consumer>], found: &mut usize| {
-            for c in cs {
-                c();
-                *found += 1;
-            }
-        };
+        let f = Fixture::new(n);
+        let keys = &f.probe_keys;
         let mut g = c.benchmark_group(format!("lookup-{n}-x{threads}"));
         g.throughput(Throughput::Elements((BATCH * threads) as u64));
         g.bench_function("probe-core-epoch", |b| {
@@ -220,16 +200,14 @@ fn concurrent_lookups(c: &mut Criterion) {
                 concurrently(
                     iters,
                     threads,
-                    || epoch.rcu().register().unwrap(),
+                    || f.epoch.rcu().register().unwrap(),
                     |reader| {
-                        let mut found = 0;
-                        for k in &probe_keys {
-                            let guard = epoch.read(reader);
-                            if let Some(p) = guard.lookup(k) {
-                                hit(p.consumers(), &mut found);
-                            }
-                        }
-                        assert_eq!(black_box(found), BATCH);
+                        batch_hits(keys, |k| {
+                            f.epoch
+                                .read(reader)
+                                .lookup(k)
+                                .map_or(0, |p| call_all(p.consumers()))
+                        })
                     },
                 )
             })
@@ -241,13 +219,9 @@ fn concurrent_lookups(c: &mut Criterion) {
                     threads,
                     || (),
                     |_| {
-                        let mut found = 0;
-                        for k in &probe_keys {
-                            if let Some(cs) = mutex.lock().unwrap().get(k) {
-                                hit(cs, &mut found);
-                            }
-                        }
-                        assert_eq!(black_box(found), BATCH);
+                        batch_hits(keys, |k| {
+                            f.mutex.lock().unwrap().get(k).map_or(0, |cs| call_all(cs))
+                        })
                     },
                 )
             })
@@ -259,13 +233,9 @@ fn concurrent_lookups(c: &mut Criterion) {
                     threads,
                     || (),
                     |_| {
-                        let mut found = 0;
-                        for k in &probe_keys {
-                            if let Some(cs) = rwlock.read().unwrap().get(k) {
-                                hit(cs, &mut found);
-                            }
-                        }
-                        assert_eq!(black_box(found), BATCH);
+                        batch_hits(keys, |k| {
+                            f.rwlock.read().unwrap().get(k).map_or(0, |cs| call_all(cs))
+                        })
                     },
                 )
             })
@@ -277,13 +247,9 @@ fn concurrent_lookups(c: &mut Criterion) {
                     threads,
                     || (),
                     |_| {
-                        let mut found = 0;
-                        for k in &probe_keys {
-                            if let Some(cs) = arcswap.load().get(k) {
-                                hit(cs, &mut found);
-                            }
-                        }
-                        assert_eq!(black_box(found), BATCH);
+                        batch_hits(keys, |k| {
+                            f.arcswap.load().get(k).map_or(0, |cs| call_all(cs))
+                        })
                     },
                 )
             })
@@ -294,16 +260,8 @@ fn concurrent_lookups(c: &mut Criterion) {
                 concurrently(
                     iters,
                     threads,
-                    || map.clone(),
-                    |m| {
-                        let mut found = 0;
-                        for k in &probe_keys {
-                            if let Some(cs) = m.get(k) {
-                                hit(cs, &mut found);
-                            }
-                        }
-                        assert_eq!(black_box(found), BATCH);
-                    },
+                    || f.map.clone(),
+                    |m| batch_hits(keys, |k| m.get(k).map_or(0, |cs| call_all(cs))),
                 )
             })
         });
@@ -382,7 +340,7 @@ fn ratios(c: &Criterion) {
         let s = std::fs::read_to_string(p).ok()?;
         let i = s.find("\"mean\"")?;
         let j = s[i..].find("\"point_estimate\":")? + i + "\"point_estimate\":".len();
-        let end = s[j..].find(|ch: char| ch == ',' || ch == '}')? + j;
+        let end = s[j..].find([',', '}'])? + j;
         s[j..end].trim().parse().ok()
     };
     println!(

@@ -118,7 +118,7 @@ fn main() {
         reg.register(churn_key, churn.clone()).unwrap();
         reg.unregister(&churn_key, &churn).unwrap();
         rounds += 1;
-        if rounds % 256 == 0 {
+        if rounds.is_multiple_of(256) {
             reg.sync(); // two-phase unregister: one grace period for 256 removals
         }
     }

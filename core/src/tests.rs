@@ -611,10 +611,8 @@ proptest! {
                 RegOp::Hold(o, k) => {
                     let key = key(o.into(), u64::from(k) * 4);
                     let g = reg.read(&reader);
-                    if let Some(p) = g.lookup(&key) {
-                        if let Some(r) = g.hold(p) {
-                            held.push(r);
-                        }
+                    if let Some(r) = g.lookup(&key).and_then(|p| g.hold(p)) {
+                        held.push(r);
                     }
                 }
                 RegOp::Release(i) => {

@@ -21,6 +21,22 @@ struct SendPtr(*mut Obj);
 // SAFETY: handed to the callback that frees it.
 unsafe impl Send for SendPtr {}
 
+/// The updater: unlink the object, defer its free, wait for the grace period that runs it.
+fn unlink_and_free(rcu: &SlotRcu, ptr: &AtomicPtr<Obj>) {
+    let old = ptr.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    let sp = SendPtr(old);
+    rcu.defer(
+        Deferred::new(move || {
+            let sp = sp;
+            // SAFETY: a grace period has passed (that is what is being checked).
+            unsafe { &*sp.0 }.check.mark_freed();
+            // The memory is leaked on purpose: a buggy run must trip the check, not UB.
+        })
+        .unwrap(),
+    );
+    rcu.synchronize();
+}
+
 fn model() {
     let seen = Arc::new(Mutex::new(BTreeSet::new()));
     let seen2 = seen.clone();
@@ -50,19 +66,7 @@ fn model() {
                 saw
             })
         };
-        // Updater: unlink, defer the free, wait.
-        let old = ptr.swap(std::ptr::null_mut(), Ordering::AcqRel);
-        let sp = SendPtr(old);
-        rcu.defer(
-            Deferred::new(move || {
-                let sp = sp;
-                // SAFETY: a grace period has passed (that is what is being checked).
-                unsafe { &*sp.0 }.check.mark_freed();
-                // The memory is leaked on purpose: a buggy run must trip the check, not UB.
-            })
-            .unwrap(),
-        );
-        rcu.synchronize();
+        unlink_and_free(&rcu, &ptr);
         let saw = reader.join().unwrap();
         seen2.lock().unwrap().insert(saw);
     });
@@ -111,17 +115,7 @@ fn rcu_nested_sections() {
                 drop(outer);
             })
         };
-        let old = ptr.swap(std::ptr::null_mut(), Ordering::AcqRel);
-        let sp = SendPtr(old);
-        rcu.defer(
-            Deferred::new(move || {
-                let sp = sp;
-                // SAFETY: after the grace period.
-                unsafe { &*sp.0 }.check.mark_freed();
-            })
-            .unwrap(),
-        );
-        rcu.synchronize();
+        unlink_and_free(&rcu, &ptr);
         reader.join().unwrap();
     });
 }
