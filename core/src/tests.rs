@@ -85,6 +85,32 @@ proptest! {
     }
 }
 
+proptest! {
+    /// `floor` is `BTreeMap::range(..=k).next_back()`, through inserts and removals that leave
+    /// routing keys stale.
+    #[test]
+    fn tree_floor_matches_btreemap(ops in proptest::collection::vec((any::<bool>(), 0u64..2000), 1..400), probes in proptest::collection::vec(0u64..2100, 1..50)) {
+        let rcu = SlotRcu::new();
+        let tree: crate::tree::CowTree<u64, u64> = crate::tree::CowTree::new();
+        let mut oracle = BTreeMap::new();
+        for (ins, k) in ops {
+            // SAFETY: single-threaded test: the only writer and the only reader.
+            unsafe {
+                if ins { tree.insert(&rcu, k, fake(k)).unwrap(); oracle.insert(k, fake(k)); }
+                else { tree.remove(&rcu, &k).unwrap(); oracle.remove(&k); }
+            }
+            for p in &probes {
+                let want = oracle.range(..=*p).next_back().map(|(k, v)| (*k, *v));
+                // SAFETY: as above.
+                prop_assert_eq!(unsafe { tree.floor(p) }, want);
+                // SAFETY: as above.
+                prop_assert_eq!(unsafe { tree.floor_locked(p) }, want);
+            }
+        }
+        rcu.synchronize();
+    }
+}
+
 #[test]
 fn tree_height_stays_logarithmic() {
     let rcu = SlotRcu::new();
@@ -169,6 +195,62 @@ fn tree_write_that_cannot_allocate_changes_nothing() {
         }
         rcu.synchronize();
     }
+}
+
+#[test]
+fn tree_batch_is_all_or_nothing() {
+    let rcu = SlotRcu::new();
+    let tree: crate::tree::CowTree<u64, u64> = crate::tree::CowTree::new();
+    for k in 0..500u64 {
+        // SAFETY: single-threaded test.
+        unsafe { tree.insert(&rcu, k * 2, fake(k)) }.unwrap();
+    }
+    let apply = |b: &mut crate::tree::Batch<u64, u64>| -> crate::Result<()> {
+        b.insert(1, fake(1))?;
+        b.insert(3, fake(3))?;
+        b.remove(&10)?;
+        assert_eq!(
+            b.floor(&11),
+            Some((8, fake(4))),
+            "the batch sees its own changes"
+        );
+        b.insert(999_999, fake(9))?;
+        Ok(())
+    };
+    let mut failures = 0;
+    for n in 0.. {
+        fail_after(Some(n));
+        // SAFETY: single-threaded test.
+        let r = unsafe { tree.batch(&rcu, apply) };
+        fail_after(None);
+        // SAFETY: single-threaded test.
+        unsafe {
+            match r {
+                Err(Error::NoMemory) => {
+                    failures += 1;
+                    assert_eq!(tree.check(), 500);
+                    assert_eq!(tree.get(&1), None);
+                    assert_eq!(tree.get(&10), Some(fake(5)));
+                }
+                Ok(()) => {
+                    assert_eq!(tree.check(), 502);
+                    assert_eq!(
+                        (
+                            tree.get(&1),
+                            tree.get(&3),
+                            tree.get(&10),
+                            tree.get(&999_999)
+                        ),
+                        (Some(fake(1)), Some(fake(3)), None, Some(fake(9)))
+                    );
+                    break;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        rcu.synchronize();
+    }
+    assert!(failures >= 5, "only {failures} allocation points");
 }
 
 // ---------------------------------------------------------------- registry

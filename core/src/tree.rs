@@ -1,4 +1,4 @@
-//! The probe tree: an ordered map from [`ProbeKey`] to a probe, read without locks.
+//! The probe tree: an ordered map from [`K`] to a probe, read without locks.
 //!
 //! # Algorithm: a copy-on-write B-tree published by one pointer
 //!
@@ -50,16 +50,16 @@ pub const NODE_MIN: usize = NODE_CAPACITY / 4;
 
 const B: usize = NODE_CAPACITY;
 
-struct Body<V> {
+struct Body<K, V> {
     leaf: bool,
     len: usize,
-    keys: [ProbeKey; B],
-    /// Leaf: `*const V`. Internal: `*mut Node<V>`.
+    keys: [K; B],
+    /// Leaf: `*const V`. Internal: `*mut Node<K, V>`.
     ptrs: [*const (); B],
     _v: core::marker::PhantomData<*const V>,
 }
 
-impl<V> Clone for Body<V> {
+impl<K: TreeKey, V> Clone for Body<K, V> {
     fn clone(&self) -> Self {
         Self {
             leaf: self.leaf,
@@ -71,12 +71,12 @@ impl<V> Clone for Body<V> {
     }
 }
 
-impl<V> Body<V> {
+impl<K: TreeKey, V> Body<K, V> {
     fn empty(leaf: bool) -> Self {
         Self {
             leaf,
             len: 0,
-            keys: [ProbeKey::MIN; B],
+            keys: [K::MIN; B],
             ptrs: [ptr::null(); B],
             _v: core::marker::PhantomData,
         }
@@ -84,7 +84,7 @@ impl<V> Body<V> {
 
     /// Index of the child that routes `key`: the last `i` with `keys[i] <= key`, or 0.
     #[inline]
-    fn route(&self, key: &ProbeKey) -> usize {
+    fn route(&self, key: &K) -> usize {
         let mut i = 1;
         while i < self.len && self.keys[i] <= *key {
             i += 1;
@@ -94,7 +94,7 @@ impl<V> Body<V> {
 
     /// Leaf: `Ok(i)` if `keys[i] == key`, else `Err(insertion point)`.
     #[inline]
-    fn find(&self, key: &ProbeKey) -> core::result::Result<usize, usize> {
+    fn find(&self, key: &K) -> core::result::Result<usize, usize> {
         let mut i = 0;
         while i < self.len {
             if self.keys[i] >= *key {
@@ -105,7 +105,7 @@ impl<V> Body<V> {
         Err(self.len)
     }
 
-    fn insert_at(&mut self, i: usize, k: ProbeKey, p: *const ()) {
+    fn insert_at(&mut self, i: usize, k: K, p: *const ()) {
         debug_assert!(self.len < B);
         self.keys.copy_within(i..self.len, i + 1);
         self.ptrs.copy_within(i..self.len, i + 1);
@@ -118,12 +118,12 @@ impl<V> Body<V> {
         self.keys.copy_within(i + 1..self.len, i);
         self.ptrs.copy_within(i + 1..self.len, i);
         self.len -= 1;
-        self.keys[self.len] = ProbeKey::MIN;
+        self.keys[self.len] = K::MIN;
         self.ptrs[self.len] = ptr::null();
     }
 
     /// Splits a body of up to `2B` entries (given as slices) into two halves.
-    fn halves(leaf: bool, keys: &[ProbeKey], ptrs: &[*const ()]) -> (Self, Self) {
+    fn halves(leaf: bool, keys: &[K], ptrs: &[*const ()]) -> (Self, Self) {
         let mid = keys.len() / 2;
         let mut l = Self::empty(leaf);
         let mut r = Self::empty(leaf);
@@ -139,10 +139,10 @@ impl<V> Body<V> {
 
 /// Cache-line aligned so a node's header and first keys share a line and no key straddles two.
 #[repr(align(64))]
-struct Node<V> {
+struct Node<K, V> {
     /// Written once, before publication; read through the facade's `UnsafeCell` so loom checks
     /// that publication orders the write before every read.
-    body: UnsafeCell<Body<V>>,
+    body: UnsafeCell<Body<K, V>>,
     free_check: FreeCheck,
 }
 
@@ -153,7 +153,7 @@ struct Node<V> {
 /// `n` is a node reachable from a root the caller loaded with Acquire (or owns), and the caller
 /// holds a read guard of the domain that retires this tree's nodes, or the tree's write lock.
 #[inline(always)]
-unsafe fn body<'a, V>(n: *const Node<V>) -> &'a Body<V> {
+unsafe fn body<'a, K, V>(n: *const Node<K, V>) -> &'a Body<K, V> {
     // SAFETY: the caller's contract keeps the node allocated for 'a.
     let node = unsafe { &*n };
     node.free_check.check();
@@ -166,7 +166,7 @@ unsafe fn body<'a, V>(n: *const Node<V>) -> &'a Body<V> {
 /// # Safety
 ///
 /// `n` came from `Box::into_raw` in [`Builder::node`], and no reader can still reach it.
-unsafe fn free_node<V>(n: *mut Node<V>) {
+unsafe fn free_node<K, V>(n: *mut Node<K, V>) {
     // SAFETY: the caller's contract.
     let node = unsafe { Box::from_raw(n) };
     node.free_check.mark_freed();
@@ -175,12 +175,12 @@ unsafe fn free_node<V>(n: *mut Node<V>) {
 
 /// Builds the new version of a path: records fresh nodes (freed if the write fails) and the old
 /// nodes they replace (freed a grace period after the write publishes).
-struct Builder<V> {
-    fresh: Vec<*mut Node<V>>,
-    retired: Vec<*mut Node<V>>,
+struct Builder<K, V> {
+    fresh: Vec<*mut Node<K, V>>,
+    retired: Vec<*mut Node<K, V>>,
 }
 
-impl<V> Builder<V> {
+impl<K, V> Builder<K, V> {
     fn new() -> Result<Self> {
         Ok(Self {
             fresh: try_vec_with_capacity(16)?,
@@ -188,7 +188,7 @@ impl<V> Builder<V> {
         })
     }
 
-    fn node(&mut self, body: Body<V>) -> Result<*mut Node<V>> {
+    fn node(&mut self, body: Body<K, V>) -> Result<*mut Node<K, V>> {
         if self.fresh.len() == self.fresh.capacity() {
             self.fresh
                 .try_reserve(self.fresh.len())
@@ -202,13 +202,13 @@ impl<V> Builder<V> {
         Ok(n)
     }
 
-    fn retire(&mut self, n: *const Node<V>) -> Result<()> {
+    fn retire(&mut self, n: *const Node<K, V>) -> Result<()> {
         if self.retired.len() == self.retired.capacity() {
             self.retired
                 .try_reserve(self.retired.len())
                 .map_err(|_| Error::NoMemory)?;
         }
-        self.retired.push(n as *mut Node<V>);
+        self.retired.push(n as *mut Node<K, V>);
         Ok(())
     }
 
@@ -221,36 +221,53 @@ impl<V> Builder<V> {
     }
 }
 
-enum Ins<V> {
-    One(*mut Node<V>),
-    Split(*mut Node<V>, ProbeKey, *mut Node<V>),
+enum Ins<K, V> {
+    One(*mut Node<K, V>),
+    Split(*mut Node<K, V>, K, *mut Node<K, V>),
 }
 
+/// A key of a [`CowTree`]: ordered, copyable, with a least value.
+pub trait TreeKey: Copy + Ord + 'static {
+    /// The least key (fills unused slots; never compared as a real entry).
+    const MIN: Self;
+}
+
+impl TreeKey for ProbeKey {
+    const MIN: Self = ProbeKey::MIN;
+}
+
+impl TreeKey for u64 {
+    const MIN: Self = 0;
+}
+
+/// The probe tree: probes by (object, offset).
+pub type ProbeTree<V> = CowTree<ProbeKey, V>;
+
 /// The copy-on-write B-tree. See the [module docs](self).
-pub struct ProbeTree<V> {
+pub struct CowTree<K, V> {
     /// The published root: stored (Release) only by writers, loaded (Acquire) only by readers.
-    root: AtomicPtr<Node<V>>,
+    root: AtomicPtr<Node<K, V>>,
     /// The published entry count (a snapshot for readers).
     len: AtomicUsize,
     /// The writers' own copy of root and count, read and written only under the write lock.
     /// Writers never load the published root: a writer's own load of it would be a second
     /// access that hides, from loom's race tracking, the race between its store and a reader's
     /// earlier load (tokio-rs/loom#392-style); and it keeps writers off the readers' line.
-    writer: UnsafeCell<WriterView<V>>,
+    writer: UnsafeCell<WriterView<K, V>>,
 }
 
-struct WriterView<V> {
-    root: *mut Node<V>,
+struct WriterView<K, V> {
+    root: *mut Node<K, V>,
     len: usize,
 }
 
 // SAFETY: the tree hands out `*const V` only; nodes are shared immutably after publication and
 // freed through the RCU domain.
-unsafe impl<V> Send for ProbeTree<V> {}
+unsafe impl<K: Send, V> Send for CowTree<K, V> {}
 // SAFETY: as above; every shared mutation is the atomic root store.
-unsafe impl<V> Sync for ProbeTree<V> {}
+unsafe impl<K: Sync, V> Sync for CowTree<K, V> {}
 
-impl<V> core::fmt::Debug for ProbeTree<V> {
+impl<K: TreeKey, V> core::fmt::Debug for CowTree<K, V> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("ProbeTree")
             .field("len", &self.len())
@@ -258,13 +275,13 @@ impl<V> core::fmt::Debug for ProbeTree<V> {
     }
 }
 
-impl<V> Default for ProbeTree<V> {
+impl<K: TreeKey, V> Default for CowTree<K, V> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<V> ProbeTree<V> {
+impl<K: TreeKey, V> CowTree<K, V> {
     /// An empty tree.
     pub fn new() -> Self {
         Self {
@@ -289,7 +306,7 @@ impl<V> ProbeTree<V> {
     }
 
     #[inline(always)]
-    fn load_root(&self) -> *mut Node<V> {
+    fn load_root(&self) -> *mut Node<K, V> {
         // Acquire pairs with the Release store in `publish`: the new nodes' bodies were written
         // before the root that reaches them.
         self.root.load(Ordering::Acquire)
@@ -301,7 +318,7 @@ impl<V> ProbeTree<V> {
     ///
     /// The caller holds the write lock.
     #[inline(always)]
-    unsafe fn writer_root(&self) -> *mut Node<V> {
+    unsafe fn writer_root(&self) -> *mut Node<K, V> {
         // SAFETY: the write lock serializes every access to the writer view.
         self.writer.with(|w| unsafe { (*w).root })
     }
@@ -313,7 +330,7 @@ impl<V> ProbeTree<V> {
     /// The caller holds a read guard of the RCU domain this tree's writers retire nodes through,
     /// for as long as it uses the result's pointee through the tree.
     #[inline]
-    pub unsafe fn get(&self, key: &ProbeKey) -> Option<*const V> {
+    pub unsafe fn get(&self, key: &K) -> Option<*const V> {
         // SAFETY: the caller's contract.
         unsafe { Self::get_from(self.load_root(), key) }
     }
@@ -324,14 +341,81 @@ impl<V> ProbeTree<V> {
     ///
     /// The caller holds the tree's write lock.
     #[inline]
-    pub unsafe fn get_locked(&self, key: &ProbeKey) -> Option<*const V> {
+    pub unsafe fn get_locked(&self, key: &K) -> Option<*const V> {
         // SAFETY: the caller's contract: nothing reachable from the writers' root is freed while
         // the write lock is held.
         unsafe { Self::get_from(self.writer_root(), key) }
     }
 
+    /// The entry with the greatest key `<= key` (the reader side): for an address-keyed tree,
+    /// the mapping that may contain an address.
+    ///
+    /// # Safety
+    ///
+    /// As for [`CowTree::get`].
+    #[inline]
+    pub unsafe fn floor(&self, key: &K) -> Option<(K, *const V)> {
+        let n = self.load_root();
+        // SAFETY: the caller's contract.
+        if n.is_null() {
+            None
+        } else {
+            unsafe { Self::floor_in(n, key) }
+        }
+    }
+
+    /// [`CowTree::floor`] from the writer side.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the tree's write lock.
+    #[inline]
+    pub unsafe fn floor_locked(&self, key: &K) -> Option<(K, *const V)> {
+        // SAFETY: the caller's contract.
+        let n = unsafe { self.writer_root() };
+        // SAFETY: as above.
+        if n.is_null() {
+            None
+        } else {
+            unsafe { Self::floor_in(n, key) }
+        }
+    }
+
+    /// Bounded: a routing key may be smaller than its subtree's least key (after removals), so a
+    /// miss in the routed child falls back to the greatest entry of its left sibling — at most
+    /// one extra descent per level visited, and only along the rightmost path.
+    unsafe fn floor_in(n: *const Node<K, V>, key: &K) -> Option<(K, *const V)> {
+        // SAFETY: the caller's contract (a reachable node under a guard or the lock).
+        let b = unsafe { body(n) };
+        if b.leaf {
+            let mut i = b.len;
+            while i > 0 && b.keys[i - 1] > *key {
+                i -= 1;
+            }
+            return (i > 0).then(|| (b.keys[i - 1], b.ptrs[i - 1] as *const V));
+        }
+        let i = b.route(key);
+        // SAFETY: a child of a reachable node.
+        if let Some(hit) = unsafe { Self::floor_in(b.ptrs[i] as *const Node<K, V>, key) } {
+            return Some(hit);
+        }
+        if i == 0 {
+            return None;
+        }
+        // The greatest entry of child i-1: walk its rightmost path.
+        let mut m = b.ptrs[i - 1] as *const Node<K, V>;
+        loop {
+            // SAFETY: as above.
+            let mb = unsafe { body(m) };
+            if mb.leaf {
+                return Some((mb.keys[mb.len - 1], mb.ptrs[mb.len - 1] as *const V));
+            }
+            m = mb.ptrs[mb.len - 1] as *const Node<K, V>;
+        }
+    }
+
     #[inline(always)]
-    unsafe fn get_from(mut n: *mut Node<V>, key: &ProbeKey) -> Option<*const V> {
+    unsafe fn get_from(mut n: *mut Node<K, V>, key: &K) -> Option<*const V> {
         if n.is_null() {
             return None;
         }
@@ -341,7 +425,7 @@ impl<V> ProbeTree<V> {
             if b.leaf {
                 return b.find(key).ok().map(|i| b.ptrs[i] as *const V);
             }
-            n = b.ptrs[b.route(key)] as *mut Node<V>;
+            n = b.ptrs[b.route(key)] as *mut Node<K, V>;
         }
     }
 
@@ -350,13 +434,8 @@ impl<V> ProbeTree<V> {
     ///
     /// # Safety
     ///
-    /// As for [`ProbeTree::get`].
-    pub unsafe fn range(
-        &self,
-        lo: &ProbeKey,
-        hi: &ProbeKey,
-        mut f: impl FnMut(&ProbeKey, *const V) -> bool,
-    ) {
+    /// As for [`CowTree::get`].
+    pub unsafe fn range(&self, lo: &K, hi: &K, mut f: impl FnMut(&K, *const V) -> bool) {
         let n = self.load_root();
         if !n.is_null() && lo < hi {
             // SAFETY: the caller's contract.
@@ -368,23 +447,23 @@ impl<V> ProbeTree<V> {
     ///
     /// # Safety
     ///
-    /// As for [`ProbeTree::get`].
-    pub unsafe fn for_each(&self, mut f: impl FnMut(&ProbeKey, *const V) -> bool) {
+    /// As for [`CowTree::get`].
+    pub unsafe fn for_each(&self, mut f: impl FnMut(&K, *const V) -> bool) {
         let n = self.load_root();
         if !n.is_null() {
             // SAFETY: the caller's contract.
-            unsafe { Self::range_in(n, &ProbeKey::MIN, None, &mut f) };
+            unsafe { Self::range_in(n, &K::MIN, None, &mut f) };
         }
     }
 
     /// Returns `false` once the walk should stop.
     unsafe fn range_in(
-        n: *const Node<V>,
-        lo: &ProbeKey,
-        hi: Option<&ProbeKey>,
-        f: &mut impl FnMut(&ProbeKey, *const V) -> bool,
+        n: *const Node<K, V>,
+        lo: &K,
+        hi: Option<&K>,
+        f: &mut impl FnMut(&K, *const V) -> bool,
     ) -> bool {
-        let past = |k: &ProbeKey| hi.is_some_and(|h| k >= h);
+        let past = |k: &K| hi.is_some_and(|h| k >= h);
         // SAFETY: `range`'s contract.
         let b = unsafe { body(n) };
         if b.leaf {
@@ -403,7 +482,7 @@ impl<V> ProbeTree<V> {
                 return false;
             }
             // SAFETY: a child of a reachable node.
-            if !unsafe { Self::range_in(b.ptrs[i] as *const Node<V>, lo, hi, f) } {
+            if !unsafe { Self::range_in(b.ptrs[i] as *const Node<K, V>, lo, hi, f) } {
                 return false;
             }
         }
@@ -411,53 +490,140 @@ impl<V> ProbeTree<V> {
     }
 }
 
-impl<V: 'static> ProbeTree<V> {
-    /// Inserts `key → val`, replacing and returning the previous value if there was one.
-    /// On error nothing changed.
+/// An open batch of changes to a [`CowTree`]: each change is made on unpublished copies, and
+/// [`CowTree::batch`] publishes them all with one store — readers see all of them or none, and
+/// if any step fails, nothing is published.
+pub struct Batch<K, V> {
+    bld: Builder<K, V>,
+    root: *mut Node<K, V>,
+    len: usize,
+}
+
+impl<K: TreeKey, V: 'static> Batch<K, V> {
+    /// Inserts `key → val` in the batch, returning the value it replaces.
+    pub fn insert(&mut self, key: K, val: *const V) -> Result<Option<*const V>> {
+        let mut old = None;
+        let new_root = if self.root.is_null() {
+            let mut b = Body::empty(true);
+            b.insert_at(0, key, val as *const ());
+            self.bld.node(b)?
+        } else {
+            // SAFETY: the batch's root is the published root (kept alive by the write lock the
+            // batch's creator holds) or a fresh node of this batch.
+            match unsafe { CowTree::ins(&mut self.bld, self.root, key, val, &mut old)? } {
+                Ins::One(n) => n,
+                Ins::Split(l, sep, r) => {
+                    let mut b = Body::empty(false);
+                    // SAFETY: `l` is fresh and ours.
+                    b.insert_at(0, unsafe { body(l) }.keys[0], l as *const ());
+                    b.insert_at(1, sep, r as *const ());
+                    self.bld.node(b)?
+                }
+            }
+        };
+        self.root = new_root;
+        self.len += usize::from(old.is_none());
+        Ok(old)
+    }
+
+    /// Removes `key` in the batch, returning its value (`None` if absent).
+    pub fn remove(&mut self, key: &K) -> Result<Option<*const V>> {
+        if self.root.is_null() {
+            return Ok(None);
+        }
+        let mut old = None;
+        // SAFETY: as in `insert`.
+        let new_root = match unsafe { CowTree::rem(&mut self.bld, self.root, key, &mut old)? } {
+            None => return Ok(None),
+            Some(None) => ptr::null_mut(),
+            Some(Some(n)) => {
+                // SAFETY: `n` is fresh and ours.
+                let b = unsafe { body(n) };
+                if !b.leaf && b.len == 1 {
+                    // Collapse a root with one child.
+                    self.bld.retire(n)?;
+                    b.ptrs[0] as *mut Node<K, V>
+                } else {
+                    n
+                }
+            }
+        };
+        self.root = new_root;
+        self.len -= 1;
+        Ok(old)
+    }
+
+    /// Looks `key` up in the batch's current state.
+    pub fn get(&self, key: &K) -> Option<*const V> {
+        // SAFETY: as in `insert`.
+        unsafe { CowTree::get_from(self.root, key) }
+    }
+
+    /// The entry with the greatest key `<= key` in the batch's current state.
+    pub fn floor(&self, key: &K) -> Option<(K, *const V)> {
+        // SAFETY: as in `insert`.
+        if self.root.is_null() {
+            None
+        } else {
+            unsafe { CowTree::floor_in(self.root, key) }
+        }
+    }
+}
+
+impl<K: TreeKey, V: 'static> CowTree<K, V> {
+    /// Runs `f` on a [`Batch`] of changes and publishes them all at once if it returns `Ok`.
+    /// On error nothing changed (the batch's copies are freed at once; they were never visible).
     ///
     /// # Safety
     ///
     /// Writers are serialized (the caller holds the tree's write lock), and every writer of this
     /// tree passes the same RCU domain, which readers hold guards of.
+    pub unsafe fn batch<R: Rcu, T>(
+        &self,
+        rcu: &R,
+        f: impl FnOnce(&mut Batch<K, V>) -> Result<T>,
+    ) -> Result<T> {
+        // SAFETY: write lock held (caller): the writer view is ours.
+        let (root, len) = self.writer.with(|w| unsafe { ((*w).root, (*w).len) });
+        let mut b = Batch {
+            bld: Builder::new()?,
+            root,
+            len,
+        };
+        match f(&mut b) {
+            Ok(t) => {
+                let Batch {
+                    bld,
+                    root: new_root,
+                    len,
+                } = b;
+                if new_root != root || !bld.retired.is_empty() {
+                    // SAFETY: the caller's contract.
+                    unsafe { self.publish(rcu, bld, new_root, len)? };
+                }
+                Ok(t)
+            }
+            Err(e) => {
+                b.bld.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Inserts `key → val`, replacing and returning the previous value if there was one.
+    /// On error nothing changed.
+    ///
+    /// # Safety
+    ///
+    /// As for [`CowTree::batch`].
     pub unsafe fn insert<R: Rcu>(
         &self,
         rcu: &R,
-        key: ProbeKey,
+        key: K,
         val: *const V,
     ) -> Result<Option<*const V>> {
-        let mut bld = Builder::new()?;
-        let mut old = None;
-        // SAFETY: write lock held (caller).
-        let root = unsafe { self.writer_root() };
-        let built = if root.is_null() {
-            let mut b = Body::empty(true);
-            b.insert_at(0, key, val as *const ());
-            bld.node(b)
-        } else {
-            // SAFETY: we hold the write lock (caller), so `root` and its nodes stay allocated.
-            match unsafe { Self::ins(&mut bld, root, key, val, &mut old) } {
-                Ok(Ins::One(n)) => Ok(n),
-                Ok(Ins::Split(l, sep, r)) => {
-                    let mut b = Body::empty(false);
-                    // SAFETY: `l` is fresh and ours.
-                    b.insert_at(0, unsafe { body(l) }.keys[0], l as *const ());
-                    b.insert_at(1, sep, r as *const ());
-                    bld.node(b)
-                }
-                Err(e) => Err(e),
-            }
-        };
-        let new_root = match built {
-            Ok(n) => n,
-            Err(e) => {
-                bld.abort();
-                return Err(e);
-            }
-        };
-        let grow = usize::from(old.is_none());
-        // SAFETY: the caller's contract (serialized writers, one domain).
-        unsafe { self.publish(rcu, bld, new_root, grow, 0)? };
-        Ok(old)
+        // SAFETY: the caller's contract.
+        unsafe { self.batch(rcu, |b| b.insert(key, val)) }
     }
 
     /// Removes `key`, returning its value. `Ok(None)` if it was absent (nothing changed).
@@ -465,62 +631,29 @@ impl<V: 'static> ProbeTree<V> {
     ///
     /// # Safety
     ///
-    /// As for [`ProbeTree::insert`].
-    pub unsafe fn remove<R: Rcu>(&self, rcu: &R, key: &ProbeKey) -> Result<Option<*const V>> {
-        // SAFETY: write lock held (caller).
-        let root = unsafe { self.writer_root() };
-        if root.is_null() {
-            return Ok(None);
-        }
-        let mut bld = Builder::new()?;
-        let mut old = None;
-        // SAFETY: write lock held (caller).
-        let new_root = match unsafe { Self::rem(&mut bld, root, key, &mut old) } {
-            Ok(None) => return Ok(None), // absent: `bld` is empty
-            Ok(Some(None)) => Ok(ptr::null_mut()),
-            Ok(Some(Some(n))) => {
-                // SAFETY: `n` is fresh and ours.
-                let b = unsafe { body(n) };
-                if !b.leaf && b.len == 1 {
-                    // Collapse a root with one child.
-                    bld.retire(n).map(|()| b.ptrs[0] as *mut Node<V>)
-                } else {
-                    Ok(n)
-                }
-            }
-            Err(e) => Err(e),
-        };
-        let new_root = match new_root {
-            Ok(n) => n,
-            Err(e) => {
-                bld.abort();
-                return Err(e);
-            }
-        };
+    /// As for [`CowTree::batch`].
+    pub unsafe fn remove<R: Rcu>(&self, rcu: &R, key: &K) -> Result<Option<*const V>> {
         // SAFETY: the caller's contract.
-        unsafe { self.publish(rcu, bld, new_root, 0, 1)? };
-        Ok(old)
+        unsafe { self.batch(rcu, |b| b.remove(key)) }
     }
 
-    /// Publishes `new_root` (with the count changed by `+grow - shrink`) and defers the free of
-    /// the nodes it replaced.
+    /// Publishes `new_root` (holding `len` entries) and defers the free of the nodes it replaced.
     ///
     /// # Safety
     ///
-    /// As for [`ProbeTree::insert`].
+    /// As for [`CowTree::insert`].
     unsafe fn publish<R: Rcu>(
         &self,
         rcu: &R,
-        bld: Builder<V>,
-        new_root: *mut Node<V>,
-        grow: usize,
-        shrink: usize,
+        bld: Builder<K, V>,
+        new_root: *mut Node<K, V>,
+        len: usize,
     ) -> Result<()> {
         let Builder { fresh, retired } = bld;
-        struct SendNodes<V>(Vec<*mut Node<V>>);
+        struct SendNodes<K, V>(Vec<*mut Node<K, V>>);
         // SAFETY: the nodes are unreachable once the callback runs; freeing them from any thread
         // is fine.
-        unsafe impl<V> Send for SendNodes<V> {}
+        unsafe impl<K, V> Send for SendNodes<K, V> {}
         let nodes = SendNodes(retired);
         // Allocate the callback before publishing, so failure changes nothing.
         let cb = Deferred::new(move || {
@@ -550,10 +683,9 @@ impl<V: 'static> ProbeTree<V> {
         #[cfg(not(loom))]
         let order = Ordering::Release;
         // SAFETY: write lock held (caller): the writer view is ours.
-        let len = self.writer.with_mut(|w| unsafe {
+        self.writer.with_mut(|w| unsafe {
             (*w).root = new_root;
-            (*w).len = (*w).len + grow - shrink;
-            (*w).len
+            (*w).len = len;
         });
         // Release pairs with the Acquire load in `load_root`: publishes the fresh nodes' bodies.
         self.root.store(new_root, order);
@@ -569,12 +701,12 @@ impl<V: 'static> ProbeTree<V> {
     }
 
     unsafe fn ins(
-        bld: &mut Builder<V>,
-        n: *const Node<V>,
-        key: ProbeKey,
+        bld: &mut Builder<K, V>,
+        n: *const Node<K, V>,
+        key: K,
         val: *const V,
         old: &mut Option<*const V>,
-    ) -> Result<Ins<V>> {
+    ) -> Result<Ins<K, V>> {
         // SAFETY: write lock held; `n` is reachable from the current root.
         let b = unsafe { body(n) };
         let mut nb = b.clone();
@@ -598,7 +730,7 @@ impl<V: 'static> ProbeTree<V> {
         }
         let i = b.route(&key);
         // SAFETY: a child of a reachable node.
-        let sub = unsafe { Self::ins(bld, b.ptrs[i] as *const Node<V>, key, val, old)? };
+        let sub = unsafe { Self::ins(bld, b.ptrs[i] as *const Node<K, V>, key, val, old)? };
         if i == 0 && key < nb.keys[0] {
             nb.keys[0] = key;
         }
@@ -622,13 +754,13 @@ impl<V: 'static> ProbeTree<V> {
 
     /// `b` is full: insert `(k, p)` at `i` into a copy and split it in two.
     fn split_with(
-        bld: &mut Builder<V>,
-        b: &Body<V>,
+        bld: &mut Builder<K, V>,
+        b: &Body<K, V>,
         i: usize,
-        k: ProbeKey,
+        k: K,
         p: *const (),
-    ) -> Result<Ins<V>> {
-        let mut keys = [ProbeKey::MIN; B + 1];
+    ) -> Result<Ins<K, V>> {
+        let mut keys = [K::MIN; B + 1];
         let mut ptrs = [ptr::null(); B + 1];
         keys[..i].copy_from_slice(&b.keys[..i]);
         ptrs[..i].copy_from_slice(&b.ptrs[..i]);
@@ -647,11 +779,11 @@ impl<V: 'static> ProbeTree<V> {
     /// `Ok(Some(Some(n)))`: the subtree's new version.
     #[allow(clippy::type_complexity)]
     unsafe fn rem(
-        bld: &mut Builder<V>,
-        n: *const Node<V>,
-        key: &ProbeKey,
+        bld: &mut Builder<K, V>,
+        n: *const Node<K, V>,
+        key: &K,
         old: &mut Option<*const V>,
-    ) -> Result<Option<Option<*mut Node<V>>>> {
+    ) -> Result<Option<Option<*mut Node<K, V>>>> {
         // SAFETY: write lock held; `n` is reachable from the current root.
         let b = unsafe { body(n) };
         if b.leaf {
@@ -667,7 +799,8 @@ impl<V: 'static> ProbeTree<V> {
         }
         let i = b.route(key);
         // SAFETY: a child of a reachable node.
-        let Some(sub) = (unsafe { Self::rem(bld, b.ptrs[i] as *const Node<V>, key, old)? }) else {
+        let Some(sub) = (unsafe { Self::rem(bld, b.ptrs[i] as *const Node<K, V>, key, old)? })
+        else {
             return Ok(None);
         };
         bld.retire(n)?;
@@ -692,16 +825,16 @@ impl<V: 'static> ProbeTree<V> {
 
     /// Merges children `li` and `li + 1` of `parent` into one node, or redistributes them into two
     /// evenly filled ones.
-    fn rebalance(bld: &mut Builder<V>, parent: &mut Body<V>, li: usize) -> Result<()> {
+    fn rebalance(bld: &mut Builder<K, V>, parent: &mut Body<K, V>, li: usize) -> Result<()> {
         let ri = li + 1;
         let (ln, rn) = (
-            parent.ptrs[li] as *const Node<V>,
-            parent.ptrs[ri] as *const Node<V>,
+            parent.ptrs[li] as *const Node<K, V>,
+            parent.ptrs[ri] as *const Node<K, V>,
         );
         // SAFETY: children of a node under construction: fresh or reachable, write lock held.
         let (lb, rb) = unsafe { (body(ln), body(rn)) };
         let total = lb.len + rb.len;
-        let mut keys = [ProbeKey::MIN; 2 * B];
+        let mut keys = [K::MIN; 2 * B];
         let mut ptrs = [ptr::null(); 2 * B];
         keys[..lb.len].copy_from_slice(&lb.keys[..lb.len]);
         ptrs[..lb.len].copy_from_slice(&lb.ptrs[..lb.len]);
@@ -730,12 +863,12 @@ impl<V: 'static> ProbeTree<V> {
     }
 }
 
-impl<V> ProbeTree<V> {
+impl<K: TreeKey, V> CowTree<K, V> {
     /// Height of the tree (0 when empty). For tests and diagnostics.
     ///
     /// # Safety
     ///
-    /// As for [`ProbeTree::get`].
+    /// As for [`CowTree::get`].
     pub unsafe fn height(&self) -> usize {
         let mut n = self.load_root();
         let mut h = 0;
@@ -746,7 +879,7 @@ impl<V> ProbeTree<V> {
             n = if b.leaf {
                 ptr::null_mut()
             } else {
-                b.ptrs[0] as *mut Node<V>
+                b.ptrs[0] as *mut Node<K, V>
             };
         }
         h
@@ -756,20 +889,24 @@ impl<V> ProbeTree<V> {
     ///
     /// # Safety
     ///
-    /// As for [`ProbeTree::get`].
+    /// As for [`CowTree::get`].
     #[cfg(test)]
     pub(crate) unsafe fn check(&self) -> usize {
-        unsafe fn walk<V>(
-            n: *const Node<V>,
-            lo: Option<ProbeKey>,
-            hi: Option<ProbeKey>,
+        unsafe fn walk<K: TreeKey, V>(
+            n: *const Node<K, V>,
+            lo: Option<K>,
+            hi: Option<K>,
             root: bool,
         ) -> (usize, usize) {
             // SAFETY: the caller's contract.
             let b = unsafe { body(n) };
             assert!(b.len >= 1 && b.len <= B);
-            if !root && !b.leaf {
-                assert!(b.len >= 2 || b.len >= 1, "internal node too small");
+            if !root {
+                assert!(
+                    b.len >= NODE_MIN,
+                    "a non-root node below the minimum fill: {}",
+                    b.len
+                );
             }
             if b.leaf {
                 for i in 0..b.len {
@@ -798,7 +935,7 @@ impl<V> ProbeTree<V> {
                     assert!(b.keys[i - 1] < b.keys[i] || i == 1);
                 }
                 // SAFETY: the caller's contract.
-                let (c, h) = unsafe { walk(b.ptrs[i] as *const Node<V>, clo, chi, false) };
+                let (c, h) = unsafe { walk(b.ptrs[i] as *const Node<K, V>, clo, chi, false) };
                 total += c;
                 assert!(height.is_none() || height == Some(h), "unbalanced");
                 height = Some(h);
@@ -814,15 +951,15 @@ impl<V> ProbeTree<V> {
     }
 }
 
-impl<V> Drop for ProbeTree<V> {
+impl<K, V> Drop for CowTree<K, V> {
     fn drop(&mut self) {
-        unsafe fn free_all<V>(n: *mut Node<V>) {
+        unsafe fn free_all<K, V>(n: *mut Node<K, V>) {
             // SAFETY: `&mut self`: no reader is left, and every node is reachable exactly once.
             let b = unsafe { body(n) };
             if !b.leaf {
                 for i in 0..b.len {
                     // SAFETY: as above.
-                    unsafe { free_all(b.ptrs[i] as *mut Node<V>) };
+                    unsafe { free_all(b.ptrs[i] as *mut Node<K, V>) };
                 }
             }
             // SAFETY: as above.
