@@ -20,6 +20,16 @@ pub enum Error {
     Busy,
     /// An allocation failed. Nothing was changed.
     NoMemory,
+    /// An address range is empty, not page-aligned, or overflows.
+    BadRange,
+    /// The range overlaps an existing mapping.
+    Overlap,
+    /// (Part of) the range is not mapped, or no mapping is exactly that range.
+    NotMapped,
+    /// The offset is past the end of the object.
+    OffsetOutOfRange,
+    /// The instruction at that offset already is a trap instruction: it cannot be probed.
+    ExistingTrap,
 }
 
 impl fmt::Display for Error {
@@ -30,6 +40,11 @@ impl fmt::Display for Error {
             Error::DuplicateConsumer => "that consumer is already registered on the probe",
             Error::Busy => "the probe is being freed; wait for a grace period and retry",
             Error::NoMemory => "out of memory",
+            Error::BadRange => "the range is empty, not page-aligned, or overflows",
+            Error::Overlap => "the range overlaps an existing mapping",
+            Error::NotMapped => "the range is not (exactly) mapped",
+            Error::OffsetOutOfRange => "the offset is past the end of the object",
+            Error::ExistingTrap => "the instruction there already is a trap; it cannot be probed",
         })
     }
 }

@@ -53,6 +53,7 @@ extern crate std;
 
 pub mod error;
 pub mod lock;
+pub mod mm;
 pub mod probe;
 pub mod rcu;
 pub mod registry;

@@ -38,6 +38,15 @@ pub enum Bug {
     ConsumerPublishRelaxed,
     /// Spinlock: unlock with a relaxed store instead of release.
     LockUnlockRelaxed,
+    /// Speculative resolve, Andrii Nakryiko's first draft (seed 003): compare only the VMA's
+    /// `vm_lock_seq` before and after, never `mm_lock_seq`.
+    MmOnlyVmaLockSeq,
+    /// Address space: an unmapped VMA and its object handle are freed at once, not deferred.
+    MmFreeWithoutDeferral,
+    /// Speculative resolve: validation done before the probe lookup instead of after it.
+    ResolveValidateBeforeLookup,
+    /// Locked resolve: a lookup miss answers "not ours" without checking for a trap there.
+    ResolveMissIsNotOurs,
 }
 
 std::thread_local! {

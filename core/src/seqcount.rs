@@ -85,6 +85,13 @@ pub struct SeqCount {
 pub struct SeqToken(usize);
 
 impl SeqToken {
+    /// A token with an arbitrary value (loom seeded-bug models only).
+    #[cfg(loom)]
+    #[doc(hidden)]
+    pub fn from_raw(v: usize) -> Self {
+        SeqToken(v)
+    }
+
     /// The even counter value the read section began at.
     pub fn value(self) -> usize {
         self.0
