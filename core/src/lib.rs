@@ -51,6 +51,7 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod arch;
 pub mod error;
 pub mod lock;
 pub mod mm;
@@ -59,7 +60,9 @@ pub mod rcu;
 pub mod registry;
 pub mod seqcount;
 pub mod sync;
+pub mod testing;
 pub mod tree;
+pub mod uprobes;
 
 mod alloc_util;
 
@@ -73,11 +76,14 @@ pub use error::{Error, Result};
 
 /// The names most embedders need.
 pub mod prelude {
+    pub use crate::arch::{Arch, TextPatcher};
     pub use crate::error::{Error, Result};
     pub use crate::lock::{LockTable, RawLock, SpinLock};
+    pub use crate::mm::{AddressSpace, AddressSpaceOps, MmId, PAGE_SIZE, VmFlags, VmaInfo};
     pub use crate::probe::{ObjectId, Probe, ProbeKey};
     #[cfg(not(loom))]
     pub use crate::rcu::EpochRcu;
     pub use crate::rcu::{Rcu, SlotRcu};
     pub use crate::registry::{ProbeRef, ProbeView, ReadGuard, Registry};
+    pub use crate::uprobes::{Hit, Path, Uprobes};
 }

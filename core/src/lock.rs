@@ -219,6 +219,12 @@ impl<L: RawLock, T> fmt::Debug for Lock<L, T> {
     }
 }
 
+impl<L: RawLock + Default, T: Default> Default for Lock<L, T> {
+    fn default() -> Self {
+        Self::new(L::default(), T::default())
+    }
+}
+
 /// Holds a [`Lock`]; releases it on drop.
 pub struct LockGuard<'a, L: RawLock, T> {
     lock: &'a Lock<L, T>,

@@ -166,6 +166,8 @@ pub struct Probe<C: ?Sized> {
     /// Left in the tree by a final put whose removal could not allocate; whoever next removes or
     /// replaces this entry frees it. Read and written only under the tree lock.
     pub(crate) orphaned: AtomicBool,
+    /// The original bytes the breakpoint replaces (immutable after creation).
+    pub(crate) insn: crate::arch::SavedInsn,
     /// The callback that frees this probe, allocated when the probe was, so the final put — which
     /// may run in a destructor — never needs memory.
     pub(crate) free_cb: UnsafeCell<Option<Deferred>>,
@@ -183,8 +185,14 @@ impl<C: ?Sized> fmt::Debug for Probe<C> {
 }
 
 impl<C: ?Sized> Probe<C> {
-    pub(crate) fn new(key: ProbeKey, refs: usize, consumers: *mut ConsumerList<C>) -> Self {
+    pub(crate) fn new(
+        key: ProbeKey,
+        refs: usize,
+        consumers: *mut ConsumerList<C>,
+        insn: crate::arch::SavedInsn,
+    ) -> Self {
         Self {
+            insn,
             key,
             refs: AtomicUsize::new(refs),
             consumers: AtomicPtr::new(consumers),
@@ -200,6 +208,12 @@ impl<C: ?Sized> Probe<C> {
     pub fn key(&self) -> ProbeKey {
         self.free_check.check();
         self.key
+    }
+
+    /// The original bytes its breakpoint replaces.
+    #[inline]
+    pub fn saved_insn(&self) -> crate::arch::SavedInsn {
+        self.insn
     }
 
     /// `true` if the probe's reference count has reached zero: it is leaving the tree and will be

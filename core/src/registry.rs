@@ -59,6 +59,7 @@
 //! ```
 
 use crate::alloc_util::try_box;
+use crate::arch::SavedInsn;
 use crate::error::{Error, Result};
 use crate::lock::{CachePadded, DEFAULT_LOCK_SLOTS, LockTable, RawGuard, RawLock, SpinLock};
 use crate::probe::{ConsumerList, ObjectId, Probe, ProbeKey};
@@ -166,6 +167,17 @@ where
     ///
     /// On error nothing changed.
     pub fn register(&self, key: ProbeKey, consumer: Arc<C>) -> Result<()> {
+        self.register_with(key, consumer, SavedInsn::default())
+            .map(|_| ())
+    }
+
+    /// [`Registry::register`], saving `insn` in the probe if this creates it. Returns `true`
+    /// if `consumer` is the probe's first: the probe just became wanted (install breakpoints).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Registry::register`].
+    pub fn register_with(&self, key: ProbeKey, consumer: Arc<C>, insn: SavedInsn) -> Result<bool> {
         let _object = RawGuard::lock(self.objects.lock_for(key.object));
         match self.get_live(&key) {
             Some(p) => {
@@ -173,11 +185,11 @@ where
                 let probe = unsafe { &*p };
                 match self.add_consumer(probe, consumer) {
                     // The first consumer: our reference becomes the registration's.
-                    Ok(true) => Ok(()),
+                    Ok(true) => Ok(true),
                     Ok(false) => {
                         // SAFETY: we hold the reference taken by `get_live`.
                         unsafe { self.put(p) };
-                        Ok(())
+                        Ok(false)
                     }
                     Err(e) => {
                         // SAFETY: as above.
@@ -186,7 +198,7 @@ where
                     }
                 }
             }
-            None => self.insert_new(key, consumer),
+            None => self.insert_new(key, consumer, insn).map(|()| true),
         }
     }
 
@@ -202,14 +214,60 @@ where
     ///
     /// On error nothing changed.
     pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
+        self.unregister_last(key, consumer).map(|_| ())
+    }
+
+    /// [`Registry::unregister`], returning the probe's saved bytes if `consumer` was its last:
+    /// the probe is no longer wanted (remove breakpoints).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Registry::unregister`].
+    pub fn unregister_last(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<Option<SavedInsn>> {
         let _object = RawGuard::lock(self.objects.lock_for(key.object));
         let p = self.get_live(key).ok_or(Error::UnknownProbe)?;
         // SAFETY: `get_live` took a reference.
         let probe = unsafe { &*p };
+        let insn = probe.insn;
         let r = self.remove_consumer(probe, consumer);
         // SAFETY: we hold the reference taken by `get_live`.
         unsafe { self.put(p) };
-        r
+        r.map(|last| last.then_some(insn))
+    }
+
+    /// The saved bytes of the probe at `key` if it is wanted (has a consumer) right now.
+    /// Takes the tree lock briefly; never touches a consumer list.
+    pub fn wanted(&self, key: &ProbeKey) -> Option<SavedInsn> {
+        let _tree = RawGuard::lock(&*self.tree_lock);
+        // SAFETY: tree lock held: probes in the tree are allocated.
+        let p = unsafe { &*self.tree.get_locked(key)? };
+        // Relaxed: only nullness is read (INVARIANT: non-null exactly while it has consumers),
+        // ordered by the locks the callers hold around publication and this check.
+        (!p.consumers.load(Ordering::Relaxed).is_null()).then_some(p.insn)
+    }
+
+    /// Calls `f(offset, saved bytes, wanted)` for every probe of `object` with offset in
+    /// `offsets`, under the tree lock (so `f` must not take it).
+    pub fn probes_of(
+        &self,
+        object: ObjectId,
+        offsets: Range<u64>,
+        mut f: impl FnMut(u64, SavedInsn, bool),
+    ) {
+        let _tree = RawGuard::lock(&*self.tree_lock);
+        let (lo, hi) = (
+            ProbeKey::new(object, offsets.start),
+            ProbeKey::new(object, offsets.end),
+        );
+        // SAFETY: tree lock held; under it the published root is the writers' root.
+        unsafe {
+            self.tree.range(&lo, &hi, |k, p| {
+                // Relaxed: as in `wanted`.
+                let wanted = !(*p).consumers.load(Ordering::Relaxed).is_null();
+                f(k.offset, (*p).insn, wanted);
+                true
+            })
+        };
     }
 
     /// The probe at `key` with a reference taken, unless absent or dying.
@@ -250,8 +308,9 @@ where
     }
 
     /// Publishes a copy of the consumer list without `consumer`; drops the registration's
-    /// reference if it was the last. Caller holds the object's lock and a reference.
-    fn remove_consumer(&self, probe: &Probe<C>, consumer: &Arc<C>) -> Result<()> {
+    /// reference if it was the last (and then returns `true`). Caller holds the object's lock
+    /// and a reference.
+    fn remove_consumer(&self, probe: &Probe<C>, consumer: &Arc<C>) -> Result<bool> {
         // SAFETY: the caller holds the object's lock.
         let old = unsafe { probe.writer_list() };
         let items = if old.is_null() {
@@ -286,7 +345,7 @@ where
             // SAFETY: the registration held it (INVARIANT: non-null list ⇒ registration ref).
             unsafe { self.put(probe) };
         }
-        Ok(())
+        Ok(new.is_null())
     }
 
     /// Replaces the probe's list `old` by `new` and defers the free of `old`.
@@ -336,10 +395,10 @@ where
 
     /// Creates a probe with one consumer and puts it in the tree (over a dying one, if any).
     /// Caller holds the object's lock.
-    fn insert_new(&self, key: ProbeKey, consumer: Arc<C>) -> Result<()> {
+    fn insert_new(&self, key: ProbeKey, consumer: Arc<C>, insn: SavedInsn) -> Result<()> {
         let list = Box::into_raw(try_box(ConsumerList::new(1, core::iter::once(consumer))?)?);
         // INVARIANT: one consumer, so the registration holds the one reference.
-        let probe = match try_box(Probe::new(key, 1, list)) {
+        let probe = match try_box(Probe::new(key, 1, list, insn)) {
             Ok(b) => Box::into_raw(b),
             Err(e) => {
                 // SAFETY: never published.

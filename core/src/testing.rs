@@ -1,0 +1,125 @@
+//! A code patcher over byte buffers and a one-byte-breakpoint instruction set: the reference
+//! embedding for tests, the loom suite and the examples. `no_std` like the rest of the crate.
+//!
+//! [`ByteText`] holds each object's bytes (what "the file" contains) and, per address space, the
+//! bytes written over them (breakpoints, restored originals). Reading an address reads the
+//! overlay if written, else the object's byte at the mapped offset. Unmap drops the overlay of the
+//! range, mremap moves it, fork copies it — exactly what memory does in a real address space.
+
+use crate::arch::{Arch, TextPatcher};
+use crate::error::{Error, Result};
+use crate::lock::{Lock, SpinLock};
+use crate::mm::{MmId, VmaInfo};
+use crate::probe::ObjectId;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+/// A one-byte breakpoint, `0xCC` (as x86's `int3`); any `0xCC` byte is a trap.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Int3;
+
+impl Arch for Int3 {
+    const BREAKPOINT: &'static [u8] = &[0xCC];
+    fn is_trap(bytes: &[u8]) -> bool {
+        bytes.first() == Some(&0xCC)
+    }
+}
+
+/// A [`TextPatcher`] over byte buffers. See the [module docs](self).
+#[derive(Debug, Default)]
+pub struct ByteText {
+    objects: Lock<SpinLock, BTreeMap<ObjectId, Vec<u8>>>,
+    overlay: Lock<SpinLock, BTreeMap<(MmId, u64), u8>>,
+    writes: crate::sync::AtomicU64,
+}
+
+impl ByteText {
+    /// No objects yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Defines `object`'s contents.
+    pub fn add_object(&self, object: ObjectId, bytes: Vec<u8>) {
+        self.objects.lock().insert(object, bytes);
+    }
+
+    /// The byte at `vaddr` of `mm`, mapped by `vma` (0 past the object's end).
+    pub fn byte(&self, mm: MmId, vma: &VmaInfo, vaddr: u64) -> u8 {
+        if let Some(b) = self.overlay.lock().get(&(mm, vaddr)) {
+            return *b;
+        }
+        let off = vma.offset_of(vaddr);
+        self.objects
+            .lock()
+            .get(&vma.object)
+            .and_then(|o| usize::try_from(off).ok().and_then(|i| o.get(i).copied()))
+            .unwrap_or(0)
+    }
+
+    /// How many code writes were made (breakpoints placed or removed).
+    pub fn writes(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.writes.load(crate::sync::Ordering::Relaxed)
+    }
+}
+
+impl TextPatcher for ByteText {
+    fn read_object(&self, object: ObjectId, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let objects = self.objects.lock();
+        let o = objects.get(&object).ok_or(Error::OffsetOutOfRange)?;
+        let start = usize::try_from(offset).map_err(|_| Error::OffsetOutOfRange)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(Error::OffsetOutOfRange)?;
+        buf.copy_from_slice(o.get(start..end).ok_or(Error::OffsetOutOfRange)?);
+        Ok(())
+    }
+
+    fn read(&self, mm: MmId, vma: &VmaInfo, vaddr: u64, buf: &mut [u8]) -> Result<()> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = self.byte(mm, vma, vaddr + i as u64);
+        }
+        Ok(())
+    }
+
+    fn write(&self, mm: MmId, _vma: &VmaInfo, vaddr: u64, bytes: &[u8]) -> Result<()> {
+        let mut o = self.overlay.lock();
+        for (i, b) in bytes.iter().enumerate() {
+            o.insert((mm, vaddr + i as u64), *b);
+        }
+        // Relaxed: a statistic.
+        self.writes.fetch_add(1, crate::sync::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn unmapped(&self, mm: MmId, start: u64, end: u64) {
+        self.overlay
+            .lock()
+            .retain(|&(m, a), _| m != mm || a < start || a >= end);
+    }
+
+    fn moved(&self, mm: MmId, from: u64, to: u64, len: u64) {
+        let mut o = self.overlay.lock();
+        let moved: Vec<(u64, u8)> = o
+            .range((mm, from)..(mm, from + len))
+            .map(|(&(_, a), &b)| (a, b))
+            .collect();
+        for (a, b) in moved {
+            o.remove(&(mm, a));
+            o.insert((mm, a - from + to), b);
+        }
+    }
+
+    fn forked(&self, parent: MmId, child: MmId) {
+        let mut o = self.overlay.lock();
+        let copied: Vec<(u64, u8)> = o
+            .iter()
+            .filter(|((m, _), _)| *m == parent)
+            .map(|(&(_, a), &b)| (a, b))
+            .collect();
+        for (a, b) in copied {
+            o.insert((child, a), b);
+        }
+    }
+}
