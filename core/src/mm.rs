@@ -231,7 +231,7 @@ impl<L: RawLock> fmt::Debug for AddressSpace<L> {
 }
 
 fn check_range(start: u64, len: u64) -> Result<u64> {
-    if len == 0 || start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+    if len == 0 || !start.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(Error::BadRange);
     }
     start.checked_add(len).ok_or(Error::BadRange)
@@ -510,11 +510,9 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         // SAFETY: the lock is held.
         if let Some((_, v)) = unsafe { self.mm.vmas.floor_locked(&start) } {
             // SAFETY: in the index under the lock.
-            if let Some(i) = info_of(unsafe { &*v }) {
-                if i.end > start {
-                    out.push((v, i));
-                    from = i.end;
-                }
+            if let Some(i) = info_of(unsafe { &*v }).filter(|i| i.end > start) {
+                out.push((v, i));
+                from = i.end;
             }
         }
         let mut err = Ok(());
@@ -589,7 +587,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         flags: VmFlags,
     ) -> Result<VmaInfo> {
         let end = check_range(start, len)?;
-        if pgoff % PAGE_SIZE != 0 || pgoff.checked_add(len).is_none() {
+        if !pgoff.is_multiple_of(PAGE_SIZE) || pgoff.checked_add(len).is_none() {
             return Err(Error::BadRange);
         }
         if !self.intersecting(start, end)?.is_empty() {
@@ -635,7 +633,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
     /// [`Error::BadRange`] (unaligned), [`Error::NotMapped`] (no mapping at `addr`),
     /// [`Error::NoMemory`].
     pub fn split<R: Rcu>(&self, rcu: &R, addr: u64) -> Result<()> {
-        if addr % PAGE_SIZE != 0 {
+        if !addr.is_multiple_of(PAGE_SIZE) {
             return Err(Error::BadRange);
         }
         let Some(info) = self.find(addr) else {
@@ -736,10 +734,9 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         let mut grave = Graveyard::with_capacity(vs.len(), vs.len())?;
         for (v, _) in &vs {
             grave.vmas.push(*v as *mut Vma);
-            // Relaxed: under the lock.
-            grave
-                .handles
-                .push(unsafe { &**v }.object.load(Ordering::Relaxed));
+            // SAFETY: in the index under the lock. Relaxed: under the lock.
+            let h = unsafe { &**v }.object.load(Ordering::Relaxed);
+            grave.handles.push(h);
         }
         let grave = grave.into_deferred()?;
         let locked: Vec<*const Vma> = vs.iter().map(|x| x.0).collect();
@@ -843,7 +840,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         object: ObjectId,
         pgoff: u64,
     ) -> Result<VmaInfo> {
-        if pgoff % PAGE_SIZE != 0 {
+        if !pgoff.is_multiple_of(PAGE_SIZE) {
             return Err(Error::BadRange);
         }
         // SAFETY: the lock is held.
@@ -858,7 +855,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             return Err(Error::NotMapped);
         }
         let h = new_handle(object)?;
-        // Relaxed: under the lock.
+        // SAFETY: in the index under the lock. Relaxed: under the lock.
         let old = unsafe { &*v }.object.load(Ordering::Relaxed);
         let grave = match (Graveyard {
             vmas: Vec::new(),

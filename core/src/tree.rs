@@ -358,10 +358,10 @@ impl<K: TreeKey, V> CowTree<K, V> {
         let n = self.load_root();
         // SAFETY: the caller's contract.
         if n.is_null() {
-            None
-        } else {
-            unsafe { Self::floor_in(n, key) }
+            return None;
         }
+        // SAFETY: the caller's contract.
+        unsafe { Self::floor_in(n, key) }
     }
 
     /// [`CowTree::floor`] from the writer side.
@@ -373,12 +373,11 @@ impl<K: TreeKey, V> CowTree<K, V> {
     pub unsafe fn floor_locked(&self, key: &K) -> Option<(K, *const V)> {
         // SAFETY: the caller's contract.
         let n = unsafe { self.writer_root() };
-        // SAFETY: as above.
         if n.is_null() {
-            None
-        } else {
-            unsafe { Self::floor_in(n, key) }
+            return None;
         }
+        // SAFETY: as above.
+        unsafe { Self::floor_in(n, key) }
     }
 
     /// Bounded: a routing key may be smaller than its subtree's least key (after removals), so a
@@ -499,6 +498,9 @@ pub struct Batch<K, V> {
     len: usize,
 }
 
+// The tree stores values as opaque pointers and never dereferences them, so taking a raw pointer
+// in a safe method is sound.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 impl<K: TreeKey, V: 'static> Batch<K, V> {
     /// Inserts `key → val` in the batch, returning the value it replaces.
     pub fn insert(&mut self, key: K, val: *const V) -> Result<Option<*const V>> {
@@ -561,12 +563,11 @@ impl<K: TreeKey, V: 'static> Batch<K, V> {
 
     /// The entry with the greatest key `<= key` in the batch's current state.
     pub fn floor(&self, key: &K) -> Option<(K, *const V)> {
-        // SAFETY: as in `insert`.
         if self.root.is_null() {
-            None
-        } else {
-            unsafe { CowTree::floor_in(self.root, key) }
+            return None;
         }
+        // SAFETY: as in `insert`.
+        unsafe { CowTree::floor_in(self.root, key) }
     }
 }
 

@@ -255,14 +255,16 @@ where
             return Err(Error::ExistingTrap);
         }
         let insn = SavedInsn::new(orig);
-        if self.registry.register_with(key, consumer.clone(), insn)? {
-            if let Err(e) = self.sync_everywhere(key, insn) {
-                // Roll back: the consumer goes, and with it every breakpoint just placed.
-                if let Ok(Some(insn)) = self.registry.unregister_last(&key, &consumer) {
-                    let _ = self.sync_everywhere(key, insn);
-                }
-                return Err(e);
+        let first = self.registry.register_with(key, consumer.clone(), insn)?;
+        if let Err(e) = first
+            .then(|| self.sync_everywhere(key, insn))
+            .unwrap_or(Ok(()))
+        {
+            // Roll back: the consumer goes, and with it every breakpoint just placed.
+            if let Ok(Some(insn)) = self.registry.unregister_last(&key, &consumer) {
+                let _ = self.sync_everywhere(key, insn);
             }
+            return Err(e);
         }
         Ok(())
     }
@@ -621,10 +623,9 @@ where
                 // Nothing executable is mapped there: re-executing gives the right fault.
                 return Hit::Restart;
             };
-            if let Some(p) = guard.lookup(&ProbeKey::new(vma.object, vma.offset_of(addr))) {
-                if !p.consumers().is_empty() {
-                    return Hit::Run(p);
-                }
+            let key = ProbeKey::new(vma.object, vma.offset_of(addr));
+            if let Some(p) = guard.lookup(&key).filter(|p| !p.consumers().is_empty()) {
+                return Hit::Run(p);
             }
             #[cfg(loom)]
             if crate::seeded::is(crate::seeded::Bug::ResolveMissIsNotOurs) {
