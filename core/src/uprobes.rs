@@ -256,10 +256,12 @@ where
         }
         let insn = SavedInsn::new(orig);
         let first = self.registry.register_with(key, consumer.clone(), insn)?;
-        if let Err(e) = first
-            .then(|| self.sync_everywhere(key, insn))
-            .unwrap_or(Ok(()))
-        {
+        let installed = if first {
+            self.sync_everywhere(key, insn)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = installed {
             // Roll back: the consumer goes, and with it every breakpoint just placed.
             if let Ok(Some(insn)) = self.registry.unregister_last(&key, &consumer) {
                 let _ = self.sync_everywhere(key, insn);
