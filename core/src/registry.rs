@@ -235,6 +235,37 @@ where
         r.map(|last| last.then_some(insn))
     }
 
+    /// [`Registry::unregister`], and if `consumer` was the probe's last, a counted reference to
+    /// it: the probe stays in the tree (with no consumers) until the caller drops the reference.
+    /// The breakpoint layer holds it while it restores the original bytes, so a hit never finds
+    /// our breakpoint without finding the probe that owns it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Registry::unregister`].
+    pub fn unregister_holding(
+        &self,
+        key: &ProbeKey,
+        consumer: &Arc<C>,
+    ) -> Result<Option<ProbeRef<'_, C, R, L, N>>> {
+        let _object = RawGuard::lock(self.objects.lock_for(key.object));
+        let p = self.get_live(key).ok_or(Error::UnknownProbe)?;
+        // SAFETY: `get_live` took a reference.
+        let probe = unsafe { &*p };
+        match self.remove_consumer(probe, consumer) {
+            // The reference from `get_live` becomes the caller's.
+            Ok(true) => Ok(Some(ProbeRef {
+                reg: self,
+                probe: NonNull::from(probe),
+            })),
+            r => {
+                // SAFETY: we hold the reference taken by `get_live`.
+                unsafe { self.put(p) };
+                r.map(|_| None)
+            }
+        }
+    }
+
     /// The saved bytes of the probe at `key` if it is wanted (has a consumer) right now.
     /// Takes the tree lock briefly; never touches a consumer list.
     pub fn wanted(&self, key: &ProbeKey) -> Option<SavedInsn> {

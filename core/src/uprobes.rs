@@ -31,6 +31,10 @@
 //!   the second install is a double add).
 //! * Every install and removal re-checks, under the address space's lock, whether the probe is
 //!   wanted *now*, so a removal racing a re-registration leaves the breakpoint exactly if wanted.
+//! * Unregistration removes the consumer, restores every breakpoint, and only *then* lets the
+//!   probe leave the tree (it holds a counted reference meanwhile). A hit that finds a probe with
+//!   no consumers runs the displaced instruction; so a trap on one of our breakpoints is never
+//!   answered "not ours", which would deliver our trap to the program.
 //! * Fork and the registration walks exclude each other through the fork gate (the kernel's
 //!   `dup_mmap_sem`): a walk that started before a fork reached the parent before it was copied
 //!   (the child inherits the result); one that starts after finds the child in the reverse map.
@@ -38,7 +42,7 @@
 //! # The hit path
 //!
 //! [`Uprobes::resolve`]: speculative first (no lock, no shared store — see [`crate::mm`]), and
-//! only a found probe, validated, is trusted; everything else takes the address space's lock and
+//! only a found live probe, validated, is trusted; everything else takes the address space's lock and
 //! answers one of three things ([`Hit`]): run this probe; *not ours* (a trap instruction really
 //! is at that address and no probe owns it: the embedder delivers it to the program); *restart*
 //! (no trap there any more — the probe went away between the trap and the lookup: execute the
@@ -77,7 +81,8 @@ impl TreeKey for RmapKey {
 
 /// What a trap at an address is.
 pub enum Hit<'g, C: ?Sized, R: Rcu, L: RawLock, const N: usize> {
-    /// A probe with consumers owns it: run them, then the displaced instruction.
+    /// A probe owns it: run its consumers (there may be none: it is being unregistered), then the
+    /// displaced instruction.
     Run(ProbeView<'g, C, R, L, N>),
     /// A trap instruction is really there and no probe owns it: deliver it to the program.
     NotOurs,
@@ -263,8 +268,8 @@ where
         };
         if let Err(e) = installed {
             // Roll back: the consumer goes, and with it every breakpoint just placed.
-            if let Ok(Some(insn)) = self.registry.unregister_last(&key, &consumer) {
-                let _ = self.sync_everywhere(key, insn);
+            if let Ok(Some(held)) = self.registry.unregister_holding(&key, &consumer) {
+                let _ = self.sync_everywhere(key, held.saved_insn());
             }
             return Err(e);
         }
@@ -281,8 +286,12 @@ where
     /// change of those mappings or by a later unregistration).
     pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
         let _reg = RawGuard::lock(self.registering.lock_for(key.object));
-        if let Some(insn) = self.registry.unregister_last(key, consumer)? {
-            self.sync_everywhere(*key, insn)?;
+        if let Some(held) = self.registry.unregister_holding(key, consumer)? {
+            // The probe stays findable (with no consumers) until every breakpoint is gone: a hit
+            // on a breakpoint not yet restored finds it and runs the displaced instruction,
+            // instead of finding nothing and calling our trap "not ours".
+            self.sync_everywhere(*key, held.saved_insn())?;
+            drop(held);
         }
         Ok(())
     }
@@ -586,7 +595,7 @@ where
         (self.resolve_locked(guard, mm, addr), Path::Locked)
     }
 
-    /// The speculative path: a validated probe with consumers, or `None` (take the lock).
+    /// The speculative path: a validated live probe, or `None` (take the lock).
     #[inline]
     pub fn speculate<'g, M: AddressSpaceOps>(
         guard: &'g ReadGuard<'_, C, R, L, N>,
@@ -626,7 +635,10 @@ where
                 return Hit::Restart;
             };
             let key = ProbeKey::new(vma.object, vma.offset_of(addr));
-            if let Some(p) = guard.lookup(&key).filter(|p| !p.consumers().is_empty()) {
+            // A live probe owns the address even with no consumers left (it is being
+            // unregistered and its breakpoint may still be there). A dying one does not: its
+            // breakpoints were restored before its last reference went.
+            if let Some(p) = guard.lookup(&key).filter(|p| !p.probe().is_dying()) {
                 return Hit::Run(p);
             }
             #[cfg(loom)]
