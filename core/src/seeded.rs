@@ -47,6 +47,9 @@ pub enum Bug {
     ResolveValidateBeforeLookup,
     /// Locked resolve: a lookup miss answers "not ours" without checking for a trap there.
     ResolveMissIsNotOurs,
+    /// Unregistration lets the probe leave the tree before restoring its breakpoints (the
+    /// ordering this crate had first): a hit in between sees our trap and no probe.
+    UnregisterDropsProbeFirst,
 }
 
 std::thread_local! {

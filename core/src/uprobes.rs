@@ -287,6 +287,12 @@ where
     pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
         let _reg = RawGuard::lock(self.registering.lock_for(key.object));
         if let Some(held) = self.registry.unregister_holding(key, consumer)? {
+            #[cfg(loom)]
+            if crate::seeded::is(crate::seeded::Bug::UnregisterDropsProbeFirst) {
+                let insn = held.saved_insn();
+                drop(held);
+                return self.sync_everywhere(*key, insn);
+            }
             // The probe stays findable (with no consumers) until every breakpoint is gone: a hit
             // on a breakpoint not yet restored finds it and runs the displaced instruction,
             // instead of finding nothing and calling our trap "not ours".

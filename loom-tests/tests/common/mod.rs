@@ -14,6 +14,8 @@ pub const CAUGHT: &[&str] = &[
     "torn snapshot",
     "consumer called after",
     "lost update",
+    "answered not ours",
+    "hit missed",
 ];
 
 /// Runs `model` with `bug` switched on and asserts it fails with one of [`CAUGHT`].
@@ -104,5 +106,53 @@ impl Drop for Executions {
                 self.n.load(std::sync::atomic::Ordering::Relaxed)
             );
         }
+    }
+}
+
+use probe_core::mm::{AddressSpace, MmId, PAGE_SIZE, VmFlags};
+use probe_core::rcu::Rcu;
+use probe_core::testing::{ByteText, Int3};
+use probe_core::uprobes::{Hit, Uprobes};
+
+/// The breakpoint layer the models use (one lock slot: fewer loom objects).
+pub type U = Uprobes<Tracked, SlotRcu, Int3, ByteText, SpinLock, 1>;
+
+/// Object ids of the models.
+pub const X: u64 = 1;
+pub const Y: u64 = 2;
+
+/// A `U` with objects X and Y (8 pages of non-trap bytes each) and one address space whose first
+/// page maps X from offset 0, executable.
+pub fn world() -> (std::sync::Arc<U>, std::sync::Arc<AddressSpace>) {
+    let text = ByteText::new();
+    for o in [X, Y] {
+        text.add_object(ObjectId(o), vec![0x90; 8 * PAGE_SIZE as usize]);
+    }
+    let u = std::sync::Arc::new(U::new(SlotRcu::new(), text));
+    let mm = u.create_mm(MmId(1)).unwrap();
+    u.mmap(&mm, 0, PAGE_SIZE, 0, ObjectId(X), VmFlags::EXEC)
+        .unwrap();
+    (u, mm)
+}
+
+/// What a hit resolved to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Seen {
+    Run(u64, u64),
+    NotOurs,
+    Restart,
+}
+
+/// Resolves `addr` in `mm`, calling the consumers of a `Run` (inside the read section).
+pub fn hit(u: &U, mm: &AddressSpace, addr: u64) -> Seen {
+    let r = u.registry().rcu().register().unwrap();
+    let g = u.read(&r);
+    match u.resolve(&g, mm, addr).0 {
+        Hit::Run(p) => {
+            p.consumers().iter().for_each(|c| c.call());
+            Seen::Run(p.key().object.0, p.key().offset)
+        }
+        Hit::NotOurs => Seen::NotOurs,
+        Hit::Restart => Seen::Restart,
     }
 }

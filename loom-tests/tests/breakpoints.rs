@@ -1,0 +1,118 @@
+//! Installing and removing breakpoints racing with hits (Invariant 4 as the hit path sees it):
+//! after registration returns, a hit at the address finds the probe; a hit on our breakpoint is
+//! never "not ours"; after unregistration's `sync`, no hit calls the consumer.
+//!
+//! Two threads each, unbounded.
+
+#![cfg(loom)]
+
+mod common;
+use common::{Seen, Tracked, X, hit, key, world};
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::thread;
+use probe_core::seeded::Bug;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+const A: u64 = 0x40;
+
+/// A registration racing a hit: before it, the hit restarts (no trap there); once `register`
+/// returned, the hit runs the probe. Never "not ours".
+fn register_vs_hit() {
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen2 = seen.clone();
+    let runs = common::Executions::new("register vs hit");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (u, mm) = world();
+        let done = Arc::new(AtomicBool::new(false));
+        let w = {
+            let (u, done) = (u.clone(), done.clone());
+            thread::spawn(move || {
+                u.register(key(X, A), Tracked::new()).unwrap();
+                done.store(true, Ordering::Release);
+            })
+        };
+        let registered = done.load(Ordering::Acquire);
+        let got = hit(&u, &mm, A);
+        // Join first: a loom thread must not outlive a failing execution.
+        w.join().unwrap();
+        assert_ne!(
+            got,
+            Seen::NotOurs,
+            "a trap with no program trap there answered not ours"
+        );
+        if registered {
+            assert_eq!(
+                got,
+                Seen::Run(X, A),
+                "registration returned, yet the hit missed"
+            );
+        }
+        seen2.lock().unwrap().insert(got);
+    });
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.contains(&Seen::Restart) && seen.contains(&Seen::Run(X, A)),
+        "coverage: {seen:?}"
+    );
+}
+
+#[test]
+fn register_races_hit() {
+    register_vs_hit();
+}
+
+#[test]
+fn seeded_miss_is_not_ours_without_trap_check() {
+    common::must_catch(Bug::ResolveMissIsNotOurs, register_vs_hit);
+}
+
+/// An unregistration (+ sync) racing a hit: the hit runs the probe or restarts, never "not ours";
+/// after `sync` returned, the consumer is never called (it is marked freed then).
+fn unregister_vs_hit() {
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen2 = seen.clone();
+    let runs = common::Executions::new("unregister vs hit");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (u, mm) = world();
+        let c = Tracked::new();
+        u.register(key(X, A), c.clone()).unwrap();
+        let w = {
+            let (u, c) = (u.clone(), c.clone());
+            thread::spawn(move || {
+                u.unregister(&key(X, A), &c).unwrap();
+                u.sync();
+                c.check.mark_freed();
+            })
+        };
+        let got = hit(&u, &mm, A);
+        // Join first: a loom thread must not outlive a failing execution.
+        w.join().unwrap();
+        assert_ne!(got, Seen::NotOurs, "our own breakpoint answered not ours");
+        seen2.lock().unwrap().insert(got);
+    });
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.contains(&Seen::Restart) && seen.contains(&Seen::Run(X, A)),
+        "coverage: {seen:?}"
+    );
+}
+
+#[test]
+fn unregister_races_hit() {
+    unregister_vs_hit();
+}
+
+#[test]
+fn seeded_probe_leaves_before_its_breakpoints() {
+    common::must_catch(Bug::UnregisterDropsProbeFirst, unregister_vs_hit);
+}
+
+#[test]
+fn seeded_sync_does_not_wait_so_consumer_runs_after_unregister() {
+    common::must_catch(Bug::RcuNoGracePeriod, unregister_vs_hit);
+}
