@@ -27,38 +27,62 @@ fn main() {
     let text = ByteText::new();
     text.add_object(LIBC, vec![0x90; 16 * P as usize]);
     text.add_object(OTHER, vec![0x90; 4 * P as usize]);
-    let u: Arc<U> = Arc::new(Uprobes::new(EpochRcu::with_relax(std::thread::yield_now), text));
+    let u: Arc<U> = Arc::new(Uprobes::new(
+        EpochRcu::with_relax(std::thread::yield_now),
+        text,
+    ));
 
     // Two processes map libc executable, at different addresses.
     let a = u.create_mm(MmId(100)).unwrap();
     let b = u.create_mm(MmId(200)).unwrap();
-    u.mmap(&a, 0x40_0000, 16 * P, 0, LIBC, VmFlags::EXEC).unwrap();
-    u.mmap(&b, 0x7f00_0000, 16 * P, 0, LIBC, VmFlags::EXEC).unwrap();
+    u.mmap(&a, 0x40_0000, 16 * P, 0, LIBC, VmFlags::EXEC)
+        .unwrap();
+    u.mmap(&b, 0x7f00_0000, 16 * P, 0, LIBC, VmFlags::EXEC)
+        .unwrap();
 
     // Probes on 64 functions of libc: each breakpoint lands in both address spaces.
     let offsets: Vec<u64> = (0..64).map(|i| i * 0x3f0 + 0x10).collect();
     let consumer = Arc::new(Counter(AtomicU64::new(0)));
     for &off in &offsets {
-        u.register(ProbeKey::new(LIBC, off), consumer.clone()).unwrap();
+        u.register(ProbeKey::new(LIBC, off), consumer.clone())
+            .unwrap();
     }
-    println!("registered {} probes on libc; code writes so far: {}", offsets.len(), u.text().writes());
+    println!(
+        "registered {} probes on libc; code writes so far: {}",
+        offsets.len(),
+        u.text().writes()
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let hitters: Vec<_> = (0..2)
         .map(|t| {
-            let (u, a, b, stop, offsets) = (u.clone(), a.clone(), b.clone(), stop.clone(), offsets.clone());
+            let (u, a, b, stop, offsets) = (
+                u.clone(),
+                a.clone(),
+                b.clone(),
+                stop.clone(),
+                offsets.clone(),
+            );
             std::thread::spawn(move || {
                 let reader = u.registry().rcu().register().unwrap();
                 let (mut spec, mut locked, mut n) = (0u64, 0u64, 0usize);
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let off = offsets[(n * 7 + t) % offsets.len()];
-                    let (mm, base) = if n % 2 == 0 { (&a, 0x40_0000) } else { (&b, 0x7f00_0000) };
+                    let (mm, base) = if n % 2 == 0 {
+                        (&a, 0x40_0000)
+                    } else {
+                        (&b, 0x7f00_0000)
+                    };
                     let guard = u.read(&reader);
                     let (hit, path) = u.resolve(&guard, &**mm, base + off);
                     match hit {
                         Hit::Run(p) => {
-                            assert_eq!(p.key(), ProbeKey::new(LIBC, off), "a hit resolved to the wrong probe");
+                            assert_eq!(
+                                p.key(),
+                                ProbeKey::new(LIBC, off),
+                                "a hit resolved to the wrong probe"
+                            );
                             for c in p.consumers() {
                                 c.0.fetch_add(1, Ordering::Relaxed);
                             }
@@ -110,6 +134,9 @@ fn main() {
     u.sync();
     let reader = u.registry().rcu().register().unwrap();
     let guard = u.read(&reader);
-    assert!(matches!(u.resolve(&guard, &*a, 0x40_0000 + offsets[0]).0, Hit::Restart));
+    assert!(matches!(
+        u.resolve(&guard, &*a, 0x40_0000 + offsets[0]).0,
+        Hit::Restart
+    ));
     println!("ok: every hit resolved to its probe; after unregistering, the breakpoints are gone");
 }

@@ -1255,6 +1255,44 @@ mod uprobes_tests {
         }
     }
 
+    /// Invariant 1 for the whole speculative hit: address-space speculation, probe lookup and
+    /// consumer traversal write no shared memory (every store/RMW through the facade is logged).
+    #[test]
+    fn speculative_resolve_writes_no_shared_memory() {
+        let text = ByteText::new();
+        text.add_object(ObjectId(1), object_bytes(1));
+        let u: U = Uprobes::new(SlotRcu::new(), text);
+        let mm = u.create_mm(MmId(1)).unwrap();
+        u.mmap(&mm, 0, 4 * P, 0, ObjectId(1), VmFlags::EXEC)
+            .unwrap();
+        let (c, _) = counting();
+        for off in [0, 1, P + 3, 2 * P] {
+            u.register(ProbeKey::new(ObjectId(1), off), c.clone())
+                .unwrap();
+        }
+        let reader = u.registry().rcu().register().unwrap();
+        let g = u.read(&reader);
+        let (runs, stores) = stores_during(|| {
+            let mut runs = 0;
+            for addr in [0, 1, P + 3, 2 * P] {
+                let (hit, path) = u.resolve(&g, &*mm, addr);
+                assert_eq!(path, crate::uprobes::Path::Speculative);
+                if let Hit::Run(p) = hit {
+                    for c in p.consumers() {
+                        c(0);
+                    }
+                    runs += 1;
+                }
+            }
+            runs
+        });
+        assert_eq!(runs, 4);
+        assert!(
+            stores.is_empty(),
+            "the speculative hit path wrote shared memory at {stores:x?}"
+        );
+    }
+
     #[test]
     fn bad_registrations_change_nothing() {
         let text = ByteText::new();
