@@ -79,6 +79,14 @@ impl TreeKey for RmapKey {
     };
 }
 
+/// Checks that no address space is called `id` and that one more fits in `spaces`.
+fn room_for<L: RawLock>(spaces: &mut Vec<Arc<AddressSpace<L>>>, id: MmId) -> Result<()> {
+    if spaces.iter().any(|m| m.id() == id) {
+        return Err(Error::Overlap);
+    }
+    spaces.try_reserve(1).map_err(|_| Error::NoMemory)
+}
+
 /// What a trap at an address is.
 pub enum Hit<'g, C: ?Sized, R: Rcu, L: RawLock, const N: usize> {
     /// A probe owns it: run its consumers (there may be none: it is being unregistered), then the
@@ -170,10 +178,7 @@ where
     /// [`Error::Overlap`] if an address space with that id exists; [`Error::NoMemory`].
     pub fn create_mm(&self, id: MmId) -> Result<Arc<AddressSpace<L>>> {
         let mut spaces = self.spaces.lock();
-        if spaces.iter().any(|m| m.id() == id) {
-            return Err(Error::Overlap);
-        }
-        spaces.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        room_for(&mut spaces, id)?;
         let mm = Arc::new(AddressSpace::new(id));
         spaces.push(mm.clone());
         Ok(mm)
@@ -188,10 +193,7 @@ where
         let _gate = RawGuard::lock(&self.fork_gate);
         let w = parent.write();
         let mut spaces = self.spaces.lock();
-        if spaces.iter().any(|m| m.id() == child) {
-            return Err(Error::Overlap);
-        }
-        spaces.try_reserve(1).map_err(|_| Error::NoMemory)?;
+        room_for(&mut spaces, child)?;
         let c: AddressSpace<L> = w.fork(self.registry.rcu(), child)?;
         let c = Arc::new(c);
         {
