@@ -50,6 +50,8 @@ pub enum Bug {
     /// Unregistration lets the probe leave the tree before restoring its breakpoints (the
     /// ordering this crate had first): a hit in between sees our trap and no probe.
     UnregisterDropsProbeFirst,
+    /// Fork does not take the fork gate, so a registration walk can miss the child.
+    ForkWithoutGate,
 }
 
 std::thread_local! {

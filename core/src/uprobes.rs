@@ -190,6 +190,10 @@ where
     ///
     /// [`Error::Overlap`] if `child` exists; [`Error::NoMemory`] (nothing created).
     pub fn fork(&self, parent: &AddressSpace<L>, child: MmId) -> Result<Arc<AddressSpace<L>>> {
+        #[cfg(loom)]
+        let _gate = (!crate::seeded::is(crate::seeded::Bug::ForkWithoutGate))
+            .then(|| RawGuard::lock(&self.fork_gate));
+        #[cfg(not(loom))]
         let _gate = RawGuard::lock(&self.fork_gate);
         let w = parent.write();
         let mut spaces = self.spaces.lock();

@@ -116,3 +116,43 @@ fn seeded_probe_leaves_before_its_breakpoints() {
 fn seeded_sync_does_not_wait_so_consumer_runs_after_unregister() {
     common::must_catch(Bug::RcuNoGracePeriod, unregister_vs_hit);
 }
+
+/// A registration racing a fork: the child ends up with the breakpoint, whichever goes first —
+/// it inherits the parent's code if the walk came first, or the walk finds it in the reverse map
+/// if the fork came first. (And symmetrically for unregistration, by the same gate.)
+fn register_vs_fork() {
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen2 = seen.clone();
+    let runs = common::Executions::new("register vs fork");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (u, mm) = world();
+        let w = {
+            let u = u.clone();
+            thread::spawn(move || u.register(key(X, A), Tracked::new()).unwrap())
+        };
+        let child = u.fork(&mm, probe_core::mm::MmId(2)).unwrap();
+        w.join().unwrap();
+        let vma = child.mappings()[0];
+        let byte = u.text().byte(child.id(), &vma, A);
+        // Which went first, for coverage: did the parent have the breakpoint when it was copied?
+        seen2.lock().unwrap().insert(byte);
+        assert_eq!(
+            byte, 0xCC,
+            "a fork racing a registration produced a child that misses the breakpoint (hit missed)"
+        );
+    });
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&0xCC), "coverage: {seen:?}");
+}
+
+#[test]
+fn register_races_fork() {
+    register_vs_fork();
+}
+
+#[test]
+fn seeded_fork_without_the_gate() {
+    common::must_catch(Bug::ForkWithoutGate, register_vs_fork);
+}
