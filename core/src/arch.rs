@@ -56,6 +56,13 @@ pub trait TextPatcher: Send + Sync {
     fn read(&self, mm: MmId, vma: &VmaInfo, vaddr: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes code at `vaddr` in address space `mm` (mapped by `vma`).
     fn write(&self, mm: MmId, vma: &VmaInfo, vaddr: u64, bytes: &[u8]) -> Result<()>;
+    /// Reads the bytes of an execute-out-of-line slot of `mm`.
+    fn read_xol(&self, mm: MmId, addr: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes an instruction into an execute-out-of-line slot of `mm` (the caller owns the slot).
+    fn write_xol(&self, mm: MmId, addr: u64, bytes: &[u8]) -> Result<()>;
+    /// Makes `len` bytes written at `addr` of `mm` visible to instruction fetch (x86: nothing
+    /// beyond a serializing event; aarch64: `DC CVAU`, `DSB ISH`, `IC IVAU`, `DSB ISH`, `ISB`).
+    fn flush_icache(&self, mm: MmId, addr: u64, len: usize) -> Result<()>;
     /// `[start, end)` of `mm` was unmapped. Memory follows mappings in a real address space, so
     /// the default does nothing; a model patcher drops what it kept for the range.
     fn unmapped(&self, _mm: MmId, _start: u64, _end: u64) {}

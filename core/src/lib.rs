@@ -63,6 +63,7 @@ pub mod sync;
 pub mod testing;
 pub mod tree;
 pub mod uprobes;
+pub mod xol;
 
 mod alloc_util;
 

@@ -202,6 +202,10 @@ pub unsafe trait AddressSpaceOps {
     fn speculate_validate(&self, spec: &Speculation) -> bool;
     /// Runs `f` with writers excluded, on the mapping at `addr` (if any).
     fn locked_find<T>(&self, addr: u64, f: impl FnOnce(Option<VmaInfo>) -> T) -> T;
+    /// A stamp of the address space's current state, `None` while a writer is inside.
+    fn stamp(&self) -> Option<u64>;
+    /// Has no change to the address space begun since `stamp` was taken?
+    fn unchanged_since(&self, stamp: u64) -> bool;
 }
 
 /// The reference address space. See the [module docs](self).
@@ -377,6 +381,17 @@ unsafe impl<L: RawLock> AddressSpaceOps for AddressSpace<L> {
     fn locked_find<T>(&self, addr: u64, f: impl FnOnce(Option<VmaInfo>) -> T) -> T {
         let w = self.write();
         f(w.find(addr))
+    }
+
+    #[inline]
+    fn stamp(&self) -> Option<u64> {
+        self.seq.try_begin().map(|t| t.value() as u64)
+    }
+
+    #[inline]
+    fn unchanged_since(&self, stamp: u64) -> bool {
+        // `mm_lock_seq` only grows: equal means no write section began since the stamp.
+        self.seq.validate_raw(stamp as usize)
     }
 }
 

@@ -210,6 +210,12 @@ impl<C: ?Sized> Probe<C> {
         self.key
     }
 
+    /// Does the probe have consumers right now? (One acquire load; no store.)
+    #[inline]
+    pub fn has_consumers(&self) -> bool {
+        !self.consumer_list().is_null()
+    }
+
     /// The original bytes its breakpoint replaces.
     #[inline]
     pub fn saved_insn(&self) -> crate::arch::SavedInsn {

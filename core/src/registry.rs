@@ -627,6 +627,23 @@ where
         })
     }
 
+    /// A view of a held probe inside this read section (`None` if it belongs to another
+    /// registry).
+    #[inline]
+    pub fn view(&self, held: &ProbeRef<'_, C, R, L, N>) -> Option<ProbeView<'_, C, R, L, N>> {
+        if !core::ptr::eq(held.reg, self.reg) {
+            return None;
+        }
+        // SAFETY: `held` keeps the probe allocated now; if its count later reaches zero, the
+        // free is deferred past a grace period, which cannot end while this guard is held. So
+        // the probe outlives the returned view, which borrows the guard.
+        let probe = unsafe { held.probe.as_ref() };
+        Some(ProbeView {
+            reg: self.reg,
+            probe,
+        })
+    }
+
     /// Calls `f` on every probe of `object` with offset in `offsets`, in offset order, until `f`
     /// returns `false`. This is what mapping a range of an object into an address space needs.
     pub fn probes_in(

@@ -52,6 +52,16 @@ pub enum Bug {
     UnregisterDropsProbeFirst,
     /// Fork does not take the fork gate, so a registration walk can miss the child.
     ForkWithoutGate,
+    /// XOL: a slot is taken with a load and a store instead of one `fetch_or`.
+    XolTakeNotAtomic,
+    /// XOL: a slot is freed with a relaxed clear instead of release.
+    XolFreeRelaxed,
+    /// XOL: the freer checks for waiters without the full barrier after clearing its bit.
+    XolFreeWithoutBarrier,
+    /// XOL: cached breakpoints are trusted without checking the address space or the probe.
+    XolCacheNoInvalidation,
+    /// XOL: a cached slot is reused without comparing its bytes.
+    XolReuseWithoutCompare,
 }
 
 std::thread_local! {

@@ -166,6 +166,13 @@ impl SeqCount {
         self.seq.load(Ordering::Relaxed) == token.0
     }
 
+    /// [`SeqCount::validate`] against a token's raw value (one kept across read sections, as a
+    /// stamp of the state it was taken in).
+    #[inline]
+    pub fn validate_raw(&self, value: usize) -> bool {
+        self.validate(SeqToken(value))
+    }
+
     /// `!validate(token)`: the kernel's `read_seqcount_retry` spelling.
     #[inline]
     pub fn retry(&self, token: SeqToken) -> bool {

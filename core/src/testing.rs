@@ -30,6 +30,9 @@ impl Arch for Int3 {
 pub struct ByteText {
     objects: Lock<SpinLock, BTreeMap<ObjectId, Vec<u8>>>,
     overlay: Lock<SpinLock, BTreeMap<(MmId, u64), u8>>,
+    /// XOL memory: per byte, what was written (data) and what instruction fetch sees (updated
+    /// only by a flush).
+    xol: Lock<SpinLock, BTreeMap<(MmId, u64), (u8, u8)>>,
     writes: crate::sync::AtomicU64,
 }
 
@@ -55,6 +58,26 @@ impl ByteText {
             .get(&vma.object)
             .and_then(|o| usize::try_from(off).ok().and_then(|i| o.get(i).copied()))
             .unwrap_or(0)
+    }
+
+    /// What instruction fetch sees at an XOL address: the bytes as of the last flush covering
+    /// them (0 if never flushed).
+    pub fn fetch_xol(&self, mm: MmId, addr: u64, buf: &mut [u8]) {
+        let x = self.xol.lock();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = x.get(&(mm, addr + i as u64)).map_or(0, |v| v.1);
+        }
+    }
+
+    /// The addresses of this patcher's own locks (for the store audit, which counts only
+    /// probe-core's stores).
+    #[cfg(test)]
+    pub(crate) fn lock_addrs(&self) -> [usize; 3] {
+        [
+            self.objects.raw() as *const _ as usize,
+            self.overlay.raw() as *const _ as usize,
+            self.xol.raw() as *const _ as usize,
+        ]
     }
 
     /// How many code writes were made (breakpoints placed or removed).
@@ -90,6 +113,32 @@ impl TextPatcher for ByteText {
         }
         // Relaxed: a statistic.
         self.writes.fetch_add(1, crate::sync::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn read_xol(&self, mm: MmId, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let x = self.xol.lock();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = x.get(&(mm, addr + i as u64)).map_or(0, |v| v.0);
+        }
+        Ok(())
+    }
+
+    fn write_xol(&self, mm: MmId, addr: u64, bytes: &[u8]) -> Result<()> {
+        let mut x = self.xol.lock();
+        for (i, b) in bytes.iter().enumerate() {
+            x.entry((mm, addr + i as u64)).or_insert((0, 0)).0 = *b;
+        }
+        Ok(())
+    }
+
+    fn flush_icache(&self, mm: MmId, addr: u64, len: usize) -> Result<()> {
+        let mut x = self.xol.lock();
+        for i in 0..len as u64 {
+            if let Some(v) = x.get_mut(&(mm, addr + i)) {
+                v.1 = v.0;
+            }
+        }
         Ok(())
     }
 
