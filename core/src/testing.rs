@@ -25,6 +25,9 @@ impl Arch for Int3 {
     }
 }
 
+/// One byte of XOL memory: (what was written, what instruction fetch sees).
+type XolByte = (u8, u8);
+
 /// A [`TextPatcher`] over byte buffers. See the [module docs](self).
 #[derive(Debug, Default)]
 pub struct ByteText {
@@ -32,7 +35,7 @@ pub struct ByteText {
     overlay: Lock<SpinLock, BTreeMap<(MmId, u64), u8>>,
     /// XOL memory: per byte, what was written (data) and what instruction fetch sees (updated
     /// only by a flush).
-    xol: Lock<SpinLock, BTreeMap<(MmId, u64), (u8, u8)>>,
+    xol: Lock<SpinLock, BTreeMap<(MmId, u64), XolByte>>,
     writes: crate::sync::AtomicU64,
 }
 

@@ -539,8 +539,8 @@ where
     ) -> Result<Step<'g, 'x, C, R, L, N, W>> {
         let id = mm.id();
         let mut at = None;
-        if cache {
-            if let Ok(i) = self.find(id, addr) {
+        if let Some(i) = cache.then(|| self.find(id, addr).ok()).flatten() {
+            {
                 let e = &self.cache[i];
                 #[cfg(loom)]
                 let trusted = crate::seeded::is(crate::seeded::Bug::XolCacheNoInvalidation);
@@ -564,10 +564,8 @@ where
                 let stamp = mm.stamp();
                 match u.resolve(guard, mm, addr).0 {
                     Hit::Run(p) => {
-                        if cache {
-                            if let Some(stamp) = stamp.filter(|s| mm.unchanged_since(*s)) {
-                                at = self.remember(guard, p, id, addr, stamp);
-                            }
+                        if let Some(stamp) = stamp.filter(|s| cache && mm.unchanged_since(*s)) {
+                            at = self.remember(guard, p, id, addr, stamp);
                         }
                         (p, None)
                     }
