@@ -205,6 +205,7 @@ impl<C: ?Sized> Probe<C> {
 
     /// Where the probe is.
     #[inline]
+    #[track_caller] // so loom's race reports name the caller
     pub fn key(&self) -> ProbeKey {
         self.free_check.check();
         self.key

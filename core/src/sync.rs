@@ -307,6 +307,7 @@ impl<T> UnsafeCell<T> {
     }
     /// Read access through a raw pointer.
     #[inline(always)]
+    #[track_caller]
     pub fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
         #[cfg(loom)]
         return self.0.with(f);
@@ -315,6 +316,7 @@ impl<T> UnsafeCell<T> {
     }
     /// Write access through a raw pointer.
     #[inline(always)]
+    #[track_caller]
     pub fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
         #[cfg(loom)]
         return self.0.with_mut(f);
@@ -358,6 +360,7 @@ impl FreeCheck {
 
     /// Asserts, under loom, that the owner has not been freed. A no-op otherwise.
     #[inline(always)]
+    #[track_caller]
     pub fn check(&self) {
         #[cfg(loom)]
         // SAFETY: a shared read of a bool; loom itself checks it against `mark_freed`'s write.
@@ -371,6 +374,7 @@ impl FreeCheck {
 
     /// Marks the owner freed (under loom). A no-op otherwise.
     #[inline(always)]
+    #[track_caller]
     pub fn mark_freed(&self) {
         #[cfg(loom)]
         // SAFETY: the write loom checks against every reader's `check`.

@@ -8,7 +8,7 @@
 
 use crate::arch::{Arch, TextPatcher};
 use crate::error::{Error, Result};
-use crate::lock::{Lock, SpinLock};
+use crate::lock::{Lock, RawLock, SpinLock};
 use crate::mm::{MmId, VmaInfo};
 use crate::probe::ObjectId;
 use alloc::collections::BTreeMap;
@@ -25,24 +25,39 @@ impl Arch for Int3 {
     }
 }
 
+impl<L: RawLock + Default> Default for ByteText<L> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// One byte of XOL memory: (what was written, what instruction fetch sees).
 type XolByte = (u8, u8);
 
 /// A [`TextPatcher`] over byte buffers. See the [module docs](self).
-#[derive(Debug, Default)]
-pub struct ByteText {
-    objects: Lock<SpinLock, BTreeMap<ObjectId, Vec<u8>>>,
-    overlay: Lock<SpinLock, BTreeMap<(MmId, u64), u8>>,
+///
+/// `L` is the lock guarding its maps: probe-core's [`SpinLock`] by default. (The loom suite plugs
+/// in a lock loom does not model: this patcher stands in for the embedder's memory, whose
+/// internals are not the protocol under test.)
+#[derive(Debug)]
+pub struct ByteText<L: RawLock + Default = SpinLock> {
+    objects: Lock<L, BTreeMap<ObjectId, Vec<u8>>>,
+    overlay: Lock<L, BTreeMap<(MmId, u64), u8>>,
     /// XOL memory: per byte, what was written (data) and what instruction fetch sees (updated
     /// only by a flush).
-    xol: Lock<SpinLock, BTreeMap<(MmId, u64), XolByte>>,
-    writes: crate::sync::AtomicU64,
+    xol: Lock<L, BTreeMap<(MmId, u64), XolByte>>,
+    writes: Lock<L, u64>,
 }
 
-impl ByteText {
+impl<L: RawLock + Default> ByteText<L> {
     /// No objects yet.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            objects: Lock::default(),
+            overlay: Lock::default(),
+            xol: Lock::default(),
+            writes: Lock::default(),
+        }
     }
 
     /// Defines `object`'s contents.
@@ -85,12 +100,11 @@ impl ByteText {
 
     /// How many code writes were made (breakpoints placed or removed).
     pub fn writes(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.writes.load(crate::sync::Ordering::Relaxed)
+        *self.writes.lock()
     }
 }
 
-impl TextPatcher for ByteText {
+impl<L: RawLock + Default> TextPatcher for ByteText<L> {
     fn read_object(&self, object: ObjectId, offset: u64, buf: &mut [u8]) -> Result<()> {
         let objects = self.objects.lock();
         let o = objects.get(&object).ok_or(Error::OffsetOutOfRange)?;
@@ -114,8 +128,7 @@ impl TextPatcher for ByteText {
         for (i, b) in bytes.iter().enumerate() {
             o.insert((mm, vaddr + i as u64), *b);
         }
-        // Relaxed: a statistic.
-        self.writes.fetch_add(1, crate::sync::Ordering::Relaxed);
+        *self.writes.lock() += 1;
         Ok(())
     }
 

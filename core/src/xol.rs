@@ -314,14 +314,15 @@ impl<W: WaitQueue> Drop for XolSlot<'_, W> {
         let relaxed = false;
         // Release pairs with the Acquire swap in `try_take_slot`: our use of the slot's memory
         // happens-before the next owner's.
-        a.busy[self.index].store(
-            false,
-            if relaxed {
-                Ordering::Relaxed
-            } else {
-                Ordering::Release
-            },
-        );
+        // A swap rather than a store: loom mis-orders a plain store against a later
+        // read-modify-write by a thread that synchronized through a mutex (tokio-rs/loom#424,
+        // #254), and the full fence right after costs more than the RMW.
+        let order = if relaxed {
+            Ordering::Relaxed
+        } else {
+            Ordering::Release
+        };
+        a.busy[self.index].swap(false, order);
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::XolFreeWithoutBarrier) {
             // Relaxed: the seeded bug reads `waiters` with no barrier after clearing the bit.

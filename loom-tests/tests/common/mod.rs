@@ -16,6 +16,9 @@ pub const CAUGHT: &[&str] = &[
     "lost update",
     "answered not ours",
     "hit missed",
+    "deadlock",
+    "stale cache",
+    "not the displaced instruction",
 ];
 
 /// Runs `model` with `bug` switched on and asserts it fails with one of [`CAUGHT`].
@@ -114,8 +117,31 @@ use probe_core::rcu::Rcu;
 use probe_core::testing::{ByteText, Int3};
 use probe_core::uprobes::{Hit, Uprobes};
 
+/// A lock loom does not model, for the test patcher only: its critical sections contain no loom
+/// operation, so a model thread is never switched out while holding it, and it is never found
+/// held. (It panics if it ever is.) The patcher stands in for the embedder's memory; keeping its
+/// internals out of the model keeps the models about the protocol.
+#[derive(Default)]
+pub struct Unmodeled(std::sync::atomic::AtomicBool);
+
+// SAFETY: mutual exclusion by a real atomic swap (Acquire) and release store.
+unsafe impl probe_core::lock::RawLock for Unmodeled {
+    fn lock(&self) {
+        assert!(
+            self.try_lock(),
+            "the test patcher's lock was found held: a loom switch inside it"
+        );
+    }
+    fn try_lock(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::Acquire)
+    }
+    unsafe fn unlock(&self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// The breakpoint layer the models use (one lock slot: fewer loom objects).
-pub type U = Uprobes<Tracked, SlotRcu, Int3, ByteText, SpinLock, 1>;
+pub type U = Uprobes<Tracked, SlotRcu, Int3, ByteText<Unmodeled>, SpinLock, 1>;
 
 /// Object ids of the models.
 pub const X: u64 = 1;
@@ -154,5 +180,29 @@ pub fn hit(u: &U, mm: &AddressSpace, addr: u64) -> Seen {
         }
         Hit::NotOurs => Seen::NotOurs,
         Hit::Restart => Seen::Restart,
+    }
+}
+
+/// A [`probe_core::xol::WaitQueue`] that really sleeps (loom's mutex and condition variable), so
+/// a lost wakeup is a deadlock loom reports.
+#[derive(Default)]
+pub struct LoomWait {
+    events: loom::sync::Mutex<u64>,
+    cv: loom::sync::Condvar,
+}
+
+impl probe_core::xol::WaitQueue for LoomWait {
+    fn prepare(&self) -> u64 {
+        *self.events.lock().unwrap()
+    }
+    fn wait(&self, ticket: u64) {
+        let mut g = self.events.lock().unwrap();
+        while *g == ticket {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+    fn wake_all(&self) {
+        *self.events.lock().unwrap() += 1;
+        self.cv.notify_all();
     }
 }

@@ -1,0 +1,250 @@
+//! XOL slots and the per-thread breakpoint cache.
+//!
+//! All models: two threads, unbounded.
+
+#![cfg(loom)]
+
+mod common;
+use common::{LoomWait, Seen, Tracked, X, Y, key, world};
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::thread;
+use probe_core::mm::PAGE_SIZE;
+use probe_core::probe::ObjectId;
+use probe_core::rcu::Rcu;
+use probe_core::seeded::Bug;
+use probe_core::sync::UnsafeCell;
+use probe_core::xol::{Step, Task, XolArea};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+const XOL: u64 = 0x7fff_0000;
+/// The preemption bound of the two models that run whole breakpoint hits on both threads
+/// (registration, resolution, the task cache and a slot each): unbounded, the reuse model alone
+/// needs 1.66 million executions (226 s here).
+const PB: usize = 2;
+const A: u64 = 0x40;
+
+type T<'r> = Task<'r, Tracked, probe_core::rcu::SlotRcu, probe_core::lock::SpinLock, 1>;
+
+/// One breakpoint hit through `task`, as an embedder runs it: consumers, then the displaced
+/// instruction from the slot. Returns what it resolved to and whether instruction fetch saw
+/// exactly the displaced bytes in the slot (asserted by the caller after joining: a loom thread
+/// must not panic while another is still running).
+fn hit_once<'r>(
+    u: &'r common::U,
+    reader: &'r probe_core::rcu::SlotReader<'_>,
+    mm: &probe_core::mm::AddressSpace,
+    xol: &XolArea<LoomWait>,
+    task: &mut T<'r>,
+    addr: u64,
+) -> (Seen, bool) {
+    let g = u.read(reader);
+    match task.on_breakpoint(u, &g, mm, xol, addr, true).unwrap() {
+        Step::Run { probe, slot } => {
+            probe.consumers().iter().for_each(|c| c.call());
+            let mut fetched = [0u8; 1];
+            u.text().fetch_xol(mm.id(), slot.addr(), &mut fetched);
+            let ok = fetched[..] == *probe.probe().saved_insn().as_bytes();
+            drop(slot);
+            (Seen::Run(probe.key().object.0, probe.key().offset), ok)
+        }
+        Step::NotOurs => (Seen::NotOurs, true),
+        Step::Restart => (Seen::Restart, true),
+    }
+}
+
+/// Two threads take the area's only slot, write their id into its memory and read it back: a
+/// slot owned twice, or handed over without release/acquire, is a race loom reports.
+fn ownership() {
+    let runs = common::Executions::new("xol slot ownership");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let area = Arc::new(XolArea::new(XOL, 64, 1, LoomWait::default()).unwrap());
+        let memory = Arc::new(UnsafeCell::new(0usize));
+        let use_slot = |area: &XolArea<LoomWait>, memory: &UnsafeCell<usize>, me: usize| {
+            let slot = area.take();
+            // SAFETY: the slot's memory is ours while we own the slot — what is being checked.
+            memory.with_mut(|p| unsafe { *p = me });
+            // SAFETY: as above.
+            memory.with(|p| assert_eq!(unsafe { *p }, me, "lost update: the slot had two owners"));
+            drop(slot);
+        };
+        let t = {
+            let (area, memory) = (area.clone(), memory.clone());
+            thread::spawn(move || use_slot(&area, &memory, 1))
+        };
+        use_slot(&area, &memory, 2);
+        t.join().unwrap();
+        assert_eq!(area.free_slots(), 1);
+    });
+}
+
+#[test]
+fn xol_slot_owned_by_one_thread_at_a_time() {
+    ownership();
+}
+
+#[test]
+fn seeded_take_is_not_one_atomic_step() {
+    common::must_catch(Bug::XolTakeNotAtomic, ownership);
+}
+
+#[test]
+fn seeded_free_without_release() {
+    common::must_catch(Bug::XolFreeRelaxed, ownership);
+}
+
+/// A thread waiting on a full area is always woken when the slot frees (no lost wakeup: a lost
+/// one leaves it asleep forever, which loom reports as a deadlock).
+fn wakeup() {
+    let runs = common::Executions::new("xol wakeup");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let area = Arc::new(XolArea::new(XOL, 64, 1, LoomWait::default()).unwrap());
+        let held = area.try_take().expect("the only slot");
+        let t = {
+            let area = area.clone();
+            thread::spawn(move || drop(area.take()))
+        };
+        thread::yield_now();
+        drop(held);
+        t.join().unwrap();
+    });
+}
+
+#[test]
+fn xol_waiter_is_always_woken() {
+    wakeup();
+}
+
+#[test]
+fn seeded_free_checks_waiters_without_the_barrier() {
+    common::must_catch(Bug::XolFreeWithoutBarrier, wakeup);
+}
+
+/// A thread hits a probe twice through its cache while another unregisters that probe's
+/// consumer (+ sync), then replaces what the address maps and registers a probe for the new
+/// mapping. Once the second hit can see all that happened, it must resolve to the new probe: a
+/// cached breakpoint of the old mapping must never run. The unregistered consumer is never
+/// called after `sync` (it is marked freed then).
+fn cache_vs_change() {
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let seen2 = seen.clone();
+    let runs = common::Executions::new("xol cache vs unregister+remap (preemption bound 2)");
+    let count = runs.counter();
+    common::bounded(PB).check(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (u, mm) = world();
+        let old = Tracked::new();
+        u.register(key(X, A), old.clone()).unwrap();
+        u.register(key(Y, PAGE_SIZE + A), Tracked::new()).unwrap();
+        let xol = XolArea::new(XOL, 64, 2, LoomWait::default()).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let w = {
+            let (u, mm, old, done) = (u.clone(), mm.clone(), old.clone(), done.clone());
+            thread::spawn(move || {
+                u.unregister(&key(X, A), &old).unwrap();
+                u.sync();
+                old.check.mark_freed();
+                mm.write()
+                    .replace_object(u.registry().rcu(), 0, ObjectId(Y), PAGE_SIZE)
+                    .unwrap();
+                done.store(true, Ordering::Release);
+            })
+        };
+        let reader = u.registry().rcu().register().unwrap();
+        let mut task: T<'_> = Task::new();
+        let (_, ok1) = hit_once(&u, &reader, &mm, &xol, &mut task, A);
+        let after = done.load(Ordering::Acquire);
+        let (second, ok2) = hit_once(&u, &reader, &mm, &xol, &mut task, A);
+        drop(task);
+        w.join().unwrap();
+        assert!(
+            ok1 && ok2,
+            "executed bytes that are not the displaced instruction"
+        );
+        if after {
+            assert_eq!(
+                second,
+                Seen::Run(Y, PAGE_SIZE + A),
+                "stale cache: ran a breakpoint of the old mapping"
+            );
+        }
+        seen2.lock().unwrap().insert((after, second));
+    });
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.contains(&(true, Seen::Run(Y, PAGE_SIZE + A))),
+        "coverage: {seen:?}"
+    );
+}
+
+/// OPEN (issue 4 is not resolved because of this): on the correct code this model reports a
+/// causality violation — a probe freed by the writer's `sync` while the hitting thread reads it
+/// (`ProbeView::key` inside its read section). It reproduces with the task cache disabled, so the
+/// cache is not the cause; it involves resolution racing unregister + `sync` + an in-place remap.
+/// Not yet known whether it is a real grace-period bug or another loom RMW/fence defect
+/// (tokio-rs/loom#424, #254, both met in this suite). Kept, not weakened, until explained.
+#[test]
+#[ignore = "open investigation: see the doc comment"]
+fn xol_cache_never_runs_a_stale_breakpoint() {
+    cache_vs_change();
+}
+
+/// Meaningful only once the model above passes on the correct code.
+#[test]
+#[ignore = "depends on xol_cache_never_runs_a_stale_breakpoint"]
+fn seeded_cache_without_invalidation() {
+    common::must_catch(Bug::XolCacheNoInvalidation, cache_vs_change);
+}
+
+/// Two threads hit two different probes through one slot; each execution must fetch exactly its
+/// probe's displaced instruction — a slot reused after the other thread rewrote it must be
+/// recopied and flushed.
+fn reuse() {
+    let runs = common::Executions::new("xol slot reuse (preemption bound 2)");
+    let count = runs.counter();
+    common::bounded(PB).check(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (u, mm) = world();
+        // Different displaced bytes at the two probes.
+        u.text().add_object(
+            ObjectId(X),
+            (0..8 * PAGE_SIZE).map(|i| (i % 0x80) as u8).collect(),
+        );
+        u.register(key(X, A), Tracked::new()).unwrap();
+        u.register(key(X, A + 1), Tracked::new()).unwrap();
+        let xol = Arc::new(XolArea::new(XOL, 64, 1, LoomWait::default()).unwrap());
+        let t = {
+            let (u, mm, xol) = (u.clone(), mm.clone(), xol.clone());
+            thread::spawn(move || {
+                let reader = u.registry().rcu().register().unwrap();
+                let mut task: T<'_> = Task::new();
+                hit_once(&u, &reader, &mm, &xol, &mut task, A + 1).1
+            })
+        };
+        let ours = {
+            let reader = u.registry().rcu().register().unwrap();
+            let mut task: T<'_> = Task::new();
+            let a = hit_once(&u, &reader, &mm, &xol, &mut task, A).1;
+            a & hit_once(&u, &reader, &mm, &xol, &mut task, A).1
+        };
+        let theirs = t.join().unwrap();
+        assert!(
+            ours && theirs,
+            "executed bytes that are not the displaced instruction"
+        );
+    });
+}
+
+#[test]
+fn xol_reused_slot_is_never_executed_stale() {
+    reuse();
+}
+
+#[test]
+fn seeded_reuse_without_compare() {
+    common::must_catch(Bug::XolReuseWithoutCompare, reuse);
+}
