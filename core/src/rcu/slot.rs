@@ -330,8 +330,12 @@ fn enter(reader: &SlotReader<'_>) {
         // Only this reader writes its slot, so its shadow is the slot's value: no load needed.
         let s = reader.shadow.get().wrapping_add(1);
         reader.shadow.set(s);
-        // Relaxed: ordered before the section's loads by the fence below.
-        reader.slot.state.store(s, Ordering::Relaxed);
+        // Relaxed: ordered before the section's loads by the fence below. A swap, not a store:
+        // in C11 a store is enough, but loom mis-orders a plain store that follows a
+        // read-modify-write (the slot's `in_use` claim) against the scan, and then reports a
+        // grace period that missed this reader (tokio-rs/loom#424). The line is the reader's
+        // own, so the RMW costs no sharing, only a few cycles before the fence below.
+        reader.slot.state.swap(s, Ordering::Relaxed);
         #[cfg(loom)]
         let skip = crate::seeded::is(crate::seeded::Bug::RcuReaderNoFence);
         #[cfg(not(loom))]
