@@ -325,24 +325,8 @@ fn writes(c: &mut Criterion) {
 /// Reads criterion's estimates of this run and prints each lookup time as a ratio to the ceiling.
 fn ratios(c: &Criterion) {
     let _ = c;
-    let dir = std::env::var_os("CRITERION_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(std::path::PathBuf::from)
-                .unwrap_or_else(|| {
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target")
-                });
-            target.join("criterion")
-        });
-    let mean = |group: &str, id: &str| -> Option<f64> {
-        let p = dir.join(group).join(id).join("new/estimates.json");
-        let s = std::fs::read_to_string(p).ok()?;
-        let i = s.find("\"mean\"")?;
-        let j = s[i..].find("\"point_estimate\":")? + i + "\"point_estimate\":".len();
-        let end = s[j..].find([',', '}'])? + j;
-        s[j..end].trim().parse().ok()
-    };
+    let dir = probe_benches::criterion_home();
+    let mean = probe_benches::criterion_mean;
     println!(
         "\nlookup: time per {BATCH} hits, and ratio to the unsynchronized BTreeMap ceiling (lower is better)"
     );
