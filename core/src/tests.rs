@@ -1545,6 +1545,8 @@ mod xol_tests {
         // And once it works, the slot is taken and then returned by the guard.
         u.text().fail_write.store(false, Ordering::Relaxed);
         u.text().fail_flush.store(false, Ordering::Relaxed);
+        // A slot whose flush failed shows our bytes to a read, but must not be reused unflushed.
+        let flushes = task.flushes();
         let g = u.read(&reader);
         match task.on_breakpoint(&u, &g, &*mm, &xol, 16, true).unwrap() {
             Step::Run { slot, .. } => {
@@ -1553,6 +1555,11 @@ mod xol_tests {
             }
             _ => panic!("expected a run"),
         }
+        assert_eq!(
+            task.flushes(),
+            flushes + 1,
+            "reused a slot whose last flush failed"
+        );
         assert_eq!(xol.free_slots(), 3);
     }
 

@@ -138,6 +138,19 @@ impl WaitQueue for CondvarWait {
     }
 }
 
+/// One slot's flags, alone on their cache lines.
+#[derive(Debug, Default)]
+struct SlotState {
+    /// Owned by an [`XolSlot`].
+    busy: AtomicBool,
+    /// The slot's bytes were flushed after they were last written: instruction fetch sees what
+    /// a read of them shows. Read and written only by the slot's owner (ordered by `busy`).
+    flushed: AtomicBool,
+}
+
+/// How many slots from its home a breakpoint's first hit looks at for one it can keep.
+const XOL_PROBES: usize = 8;
+
 /// The XOL slots of one address space. See the [module docs](self).
 pub struct XolArea<W: WaitQueue> {
     base: u64,
@@ -145,7 +158,7 @@ pub struct XolArea<W: WaitQueue> {
     nslots: usize,
     /// One busy flag per slot, each alone on its cache lines: a thread that keeps reusing its
     /// slot writes only that slot's line, never a line other threads' slots share.
-    busy: Box<[CachePadded<AtomicBool>]>,
+    busy: Box<[CachePadded<SlotState>]>,
     waiters: AtomicUsize,
     wq: W,
     free_check: FreeCheck,
@@ -179,7 +192,7 @@ impl<W: WaitQueue> XolArea<W> {
             .ok_or(Error::BadRange)?;
         let mut v = try_vec_with_capacity(nslots)?;
         for _ in 0..nslots {
-            v.push(CachePadded::new(AtomicBool::new(false)));
+            v.push(CachePadded::new(SlotState::default()));
         }
         Ok(Self {
             base,
@@ -205,7 +218,7 @@ impl<W: WaitQueue> XolArea<W> {
     /// The address of slot `i`'s busy flag (for the store audit).
     #[cfg(test)]
     pub(crate) fn flag_addr(&self, i: usize) -> usize {
-        &*self.busy[i] as *const AtomicBool as usize
+        &self.busy[i].busy as *const AtomicBool as usize
     }
 
     /// Free slots right now (a snapshot; for tests and diagnostics).
@@ -213,8 +226,15 @@ impl<W: WaitQueue> XolArea<W> {
         // Relaxed: a snapshot.
         self.busy
             .iter()
-            .filter(|b| !b.load(Ordering::Relaxed))
+            .filter(|b| !b.busy.load(Ordering::Relaxed))
             .count()
+    }
+
+    /// The slot a breakpoint at (`mm`, `addr`) tries first when it has none cached: a
+    /// Fibonacci hash of the address, so distinct breakpoints tend to keep distinct slots.
+    pub fn home_slot(&self, mm: MmId, addr: u64) -> usize {
+        let h = (addr ^ mm.0.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((h >> 32) % self.nslots as u64) as usize
     }
 
     /// Takes slot `i` if it is free.
@@ -223,7 +243,7 @@ impl<W: WaitQueue> XolArea<W> {
         if i >= self.nslots {
             return None;
         }
-        let flag = &self.busy[i];
+        let flag = &self.busy[i].busy;
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::XolTakeNotAtomic) {
             // The seeded bug: test, then set, as two steps.
@@ -295,6 +315,19 @@ impl<W: WaitQueue> fmt::Debug for XolSlot<'_, W> {
 }
 
 impl<W: WaitQueue> XolSlot<'_, W> {
+    /// Were the slot's bytes flushed after they were last written?
+    fn flushed(&self) -> bool {
+        // Relaxed: only the owner touches it; ownership is handed over by `busy`.
+        self.area.busy[self.index].flushed.load(Ordering::Relaxed)
+    }
+
+    fn set_flushed(&self, v: bool) {
+        // Relaxed: as in `flushed`.
+        self.area.busy[self.index]
+            .flushed
+            .store(v, Ordering::Relaxed);
+    }
+
     /// The slot's index.
     pub fn index(&self) -> usize {
         self.index
@@ -322,7 +355,7 @@ impl<W: WaitQueue> Drop for XolSlot<'_, W> {
         } else {
             Ordering::Release
         };
-        a.busy[self.index].swap(false, order);
+        a.busy[self.index].busy.swap(false, order);
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::XolFreeWithoutBarrier) {
             // Relaxed: the seeded bug reads `waiters` with no barrier after clearing the bit.
@@ -577,19 +610,55 @@ where
         };
         let image = view.probe().saved_insn();
         let image = image.as_bytes();
-        // Reuse the cached slot if it is free and still holds exactly our bytes.
+        // Choose the slot: the one this breakpoint used last (cached), else one near its home
+        // (a hash of the address), so distinct breakpoints keep distinct slots and find their
+        // bytes still there; reuse it without copy or flush if it holds exactly our bytes.
         let mut prepared = None;
-        if let Some(s) = slot_hint.and_then(|s| xol.try_take_slot(s)) {
+        if cache {
             #[cfg(loom)]
-            let skip_compare = crate::seeded::is(crate::seeded::Bug::XolReuseWithoutCompare);
+            let skip_compare = crate::seeded::is(crate::seeded::Bug::XolReuseWithoutCompare)
+                && slot_hint.is_some();
             #[cfg(not(loom))]
             let skip_compare = false;
-            let mut cur = [0u8; MAX_BREAKPOINT];
-            let cur = &mut cur[..image.len()];
-            if skip_compare || (u.text().read_xol(id, s.addr(), cur).is_ok() && cur == image) {
-                prepared = Some(s);
+            // A slot whose last copy was never flushed may show our bytes to a read while
+            // instruction fetch still sees others: only a flushed slot counts as holding them.
+            let holds_ours = |s: &XolSlot<'_, W>| {
+                let mut cur = [0u8; MAX_BREAKPOINT];
+                let cur = &mut cur[..image.len()];
+                s.flushed() && u.text().read_xol(id, s.addr(), cur).is_ok() && cur == image
+            };
+            if let Some(hint) = slot_hint {
+                // The slot this breakpoint used last: reuse it, or recopy into it.
+                if let Some(s) = xol.try_take_slot(hint) {
+                    prepared = Some(if skip_compare || holds_ours(&s) {
+                        s
+                    } else {
+                        self.copy(u.text(), id, s, image)?
+                    });
+                }
             } else {
-                prepared = Some(self.copy(u.text(), id, s, image)?);
+                // First hit by this thread: probe a few slots from the breakpoint's home. Prefer
+                // one that already holds our bytes (another thread copied them), then one never
+                // used, and overwrite another breakpoint's bytes only as a last resort.
+                let home = xol.home_slot(id, addr);
+                let mut fallback = None;
+                for k in 0..XOL_PROBES.min(xol.slots()) {
+                    let Some(s) = xol.try_take_slot((home + k) % xol.slots()) else {
+                        continue;
+                    };
+                    if holds_ours(&s) {
+                        prepared = Some(s);
+                        break;
+                    }
+                    if !s.flushed() {
+                        prepared = Some(self.copy(u.text(), id, s, image)?);
+                        break;
+                    }
+                    fallback.get_or_insert(s);
+                }
+                if let (None, Some(s)) = (&prepared, fallback) {
+                    prepared = Some(self.copy(u.text(), id, s, image)?);
+                }
             }
         }
         let slot = match prepared {
@@ -610,10 +679,12 @@ where
         slot: XolSlot<'x, W>,
         image: &[u8],
     ) -> Result<XolSlot<'x, W>> {
+        slot.set_flushed(false);
         text.write_xol(mm, slot.addr(), image)?;
         self.copies += 1;
         text.flush_icache(mm, slot.addr(), image.len())?;
         self.flushes += 1;
+        slot.set_flushed(true);
         Ok(slot)
     }
 
