@@ -574,19 +574,18 @@ where
         let id = mm.id();
         let mut at = None;
         if let Some(i) = cache.then(|| self.find(id, addr).ok()).flatten() {
-            {
-                let e = &self.cache[i];
-                #[cfg(loom)]
-                let trusted = crate::seeded::is(crate::seeded::Bug::XolCacheNoInvalidation);
-                #[cfg(not(loom))]
-                let trusted = false;
-                if trusted || (mm.unchanged_since(e.stamp) && e.probe.has_consumers()) {
-                    at = Some(i);
-                    self.cache_hits += 1;
-                } else {
-                    // Stale: the address space changed, or the probe lost its consumers.
-                    drop(self.cache.remove(i));
-                }
+            let e = &self.cache[i];
+            #[cfg(loom)]
+            let trusted = crate::seeded::is(crate::seeded::Bug::XolCacheNoInvalidation);
+            #[cfg(not(loom))]
+            let trusted = false;
+            if trusted || (mm.unchanged_since(e.stamp) && e.probe.has_consumers()) {
+                at = Some(i);
+                self.cache_hits += 1;
+            } else {
+                // Stale: the address space changed, or the probe lost its consumers. (Dropping
+                // the reference may run the probe's final put, which takes the tree lock.)
+                drop(self.cache.remove(i));
             }
         }
         let (view, slot_hint) = match at {
