@@ -62,6 +62,8 @@ pub enum Bug {
     XolCacheNoInvalidation,
     /// XOL: a cached slot is reused without comparing its bytes.
     XolReuseWithoutCompare,
+    /// XOL: the lazily created area is published with a relaxed compare-exchange.
+    XolPublishRelaxed,
 }
 
 std::thread_local! {

@@ -403,9 +403,17 @@ impl<W: WaitQueue> LazyXol<W> {
 
     /// The area, if created.
     pub fn get(&self) -> Option<&XolArea<W>> {
+        #[cfg(loom)]
+        let order = if crate::seeded::is(crate::seeded::Bug::XolPublishRelaxed) {
+            Ordering::Relaxed
+        } else {
+            Ordering::Acquire
+        };
+        #[cfg(not(loom))]
+        let order = Ordering::Acquire;
         // Acquire pairs with the Release compare-exchange in `get_or_create`: the area's fields
         // were initialized before its pointer was published.
-        let p = self.ptr.load(Ordering::Acquire);
+        let p = self.ptr.load(order);
         // SAFETY: published areas live until `self` is dropped.
         (!p.is_null()).then(|| unsafe { &*p })
     }
@@ -423,12 +431,18 @@ impl<W: WaitQueue> LazyXol<W> {
         let fresh = Box::into_raw(try_box(make()?)?);
         // Release publishes the area's fields (pairs with the Acquire load in `get`); Acquire on
         // failure pairs with the winner's Release.
-        match self.ptr.compare_exchange(
-            core::ptr::null_mut(),
-            fresh,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
+        #[cfg(loom)]
+        let (ok, fail) = if crate::seeded::is(crate::seeded::Bug::XolPublishRelaxed) {
+            (Ordering::Relaxed, Ordering::Relaxed)
+        } else {
+            (Ordering::AcqRel, Ordering::Acquire)
+        };
+        #[cfg(not(loom))]
+        let (ok, fail) = (Ordering::AcqRel, Ordering::Acquire);
+        match self
+            .ptr
+            .compare_exchange(core::ptr::null_mut(), fresh, ok, fail)
+        {
             // SAFETY: published; lives until `self` is dropped.
             Ok(_) => Ok(unsafe { &*fresh }),
             Err(winner) => {

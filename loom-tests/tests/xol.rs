@@ -239,3 +239,41 @@ fn xol_reused_slot_is_never_executed_stale() {
 fn seeded_reuse_without_compare() {
     common::must_catch(Bug::XolReuseWithoutCompare, reuse);
 }
+
+/// Two threads create the address space's XOL area lazily at once: both get the same, fully
+/// initialized area (one is published; the loser's is dropped unpublished), and both can use it.
+fn lazy_area() {
+    let runs = common::Executions::new("xol lazy area");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let lazy = Arc::new(probe_core::xol::LazyXol::<LoomWait>::new());
+        let t = {
+            let lazy = lazy.clone();
+            thread::spawn(move || {
+                let a = lazy
+                    .get_or_create(|| XolArea::new(XOL, 64, 2, LoomWait::default()))
+                    .unwrap();
+                drop(a.try_take());
+                a as *const _ as usize
+            })
+        };
+        let a = lazy
+            .get_or_create(|| XolArea::new(XOL, 64, 2, LoomWait::default()))
+            .unwrap();
+        drop(a.try_take());
+        let mine = a as *const _ as usize;
+        let theirs = t.join().unwrap();
+        assert_eq!(mine, theirs, "torn snapshot: two areas were published");
+    });
+}
+
+#[test]
+fn xol_area_is_published_once() {
+    lazy_area();
+}
+
+#[test]
+fn seeded_area_published_relaxed() {
+    common::must_catch(Bug::XolPublishRelaxed, lazy_area);
+}
