@@ -12,57 +12,48 @@ use common::{Reg, Tracked, key};
 use loom::thread;
 use probe_core::rcu::{Rcu, SlotRcu};
 use probe_core::seeded::Bug;
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 fn model() {
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let seen2 = seen.clone();
-    let runs = common::Executions::new("tree");
-    let count = runs.counter();
-    loom::model(move || {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let reg = Arc::new(Reg::new(SlotRcu::new()));
-        let c = Tracked::new();
-        let (k1, k2) = (key(1, 0x10), key(1, 0x20));
-        reg.register(k1, c.clone()).unwrap();
-        let writer = {
-            let (reg, c) = (reg.clone(), c.clone());
-            thread::spawn(move || {
-                reg.register(k2, c.clone()).unwrap();
-                reg.unregister(&k1, &c).unwrap();
-                reg.sync();
-            })
-        };
-        let r = reg.rcu().register().unwrap();
-        let found = {
-            let g = reg.read(&r);
-            let mut found = (false, false);
-            if let Some(p) = g.lookup(&k1) {
-                assert_eq!(p.key(), k1);
-                p.consumers().iter().for_each(|c| c.call());
-                found.0 = true;
-            }
-            if let Some(p) = g.lookup(&k2) {
-                assert_eq!(p.key(), k2);
-                p.consumers().iter().for_each(|c| c.call());
-                found.1 = true;
-            }
+    common::explore(
+        "tree",
+        common::unbounded(),
+        &[(true, false), (true, true), (false, true)],
+        move || {
+            let reg = Arc::new(Reg::new(SlotRcu::new()));
+            let c = Tracked::new();
+            let (k1, k2) = (key(1, 0x10), key(1, 0x20));
+            reg.register(k1, c.clone()).unwrap();
+            let writer = {
+                let (reg, c) = (reg.clone(), c.clone());
+                thread::spawn(move || {
+                    reg.register(k2, c.clone()).unwrap();
+                    reg.unregister(&k1, &c).unwrap();
+                    reg.sync();
+                })
+            };
+            let r = reg.rcu().register().unwrap();
+            let found = {
+                let g = reg.read(&r);
+                let mut found = (false, false);
+                if let Some(p) = g.lookup(&k1) {
+                    assert_eq!(p.key(), k1);
+                    p.consumers().iter().for_each(|c| c.call());
+                    found.0 = true;
+                }
+                if let Some(p) = g.lookup(&k2) {
+                    assert_eq!(p.key(), k2);
+                    p.consumers().iter().for_each(|c| c.call());
+                    found.1 = true;
+                }
+                found
+            };
+            drop(r);
+            writer.join().unwrap();
+            reg.sync();
             found
-        };
-        drop(r);
-        writer.join().unwrap();
-        reg.sync();
-        seen2.lock().unwrap().insert(found);
-    });
-    let seen = seen.lock().unwrap();
-    // Before both writes, between them, after both.
-    for must in [(true, false), (true, true), (false, true)] {
-        assert!(
-            seen.contains(&must),
-            "loom never explored {must:?}: {seen:?}"
-        );
-    }
+        },
+    );
 }
 
 #[test]
@@ -84,43 +75,36 @@ fn seeded_replaced_nodes_freed_without_grace_period() {
 /// (coverage) sees every combination of the two inserts.
 #[test]
 fn tree_two_writers_one_reader() {
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let seen2 = seen.clone();
-    let runs = common::Executions::new("tree (3 threads, preemption bound 2)");
-    let count = runs.counter();
-    common::bounded(2).check(move || {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let reg = Arc::new(Reg::new(SlotRcu::new()));
-        let ws: Vec<_> = [1u64, 2]
-            .into_iter()
-            .map(|o| {
-                let reg = reg.clone();
-                thread::spawn(move || reg.register(key(o, 0x10), Tracked::new()).unwrap())
-            })
-            .collect();
-        let mut found = [false; 2];
-        {
-            let r = reg.rcu().register().unwrap();
-            let g = reg.read(&r);
-            for (i, o) in [1u64, 2].into_iter().enumerate() {
-                if let Some(p) = g.lookup(&key(o, 0x10)) {
-                    assert_eq!(p.consumers().len(), 1);
-                    p.consumers().iter().for_each(|c| c.call());
-                    found[i] = true;
+    common::explore(
+        "tree (3 threads, preemption bound 2)",
+        common::bounded(2),
+        &[[false, false], [true, false], [false, true], [true, true]],
+        move || {
+            let reg = Arc::new(Reg::new(SlotRcu::new()));
+            let ws: Vec<_> = [1u64, 2]
+                .into_iter()
+                .map(|o| {
+                    let reg = reg.clone();
+                    thread::spawn(move || reg.register(key(o, 0x10), Tracked::new()).unwrap())
+                })
+                .collect();
+            let mut found = [false; 2];
+            {
+                let r = reg.rcu().register().unwrap();
+                let g = reg.read(&r);
+                for (i, o) in [1u64, 2].into_iter().enumerate() {
+                    if let Some(p) = g.lookup(&key(o, 0x10)) {
+                        assert_eq!(p.consumers().len(), 1);
+                        p.consumers().iter().for_each(|c| c.call());
+                        found[i] = true;
+                    }
                 }
             }
-        }
-        for w in ws {
-            w.join().unwrap();
-        }
-        assert_eq!(reg.len(), 2);
-        seen2.lock().unwrap().insert(found);
-    });
-    let seen = seen.lock().unwrap();
-    for must in [[false, false], [true, false], [false, true], [true, true]] {
-        assert!(
-            seen.contains(&must),
-            "loom never explored {must:?}: {seen:?}"
-        );
-    }
+            for w in ws {
+                w.join().unwrap();
+            }
+            assert_eq!(reg.len(), 2);
+            found
+        },
+    );
 }

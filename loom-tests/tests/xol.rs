@@ -14,8 +14,7 @@ use probe_core::rcu::Rcu;
 use probe_core::seeded::Bug;
 use probe_core::sync::UnsafeCell;
 use probe_core::xol::{Step, Task, XolArea};
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const XOL: u64 = 0x7fff_0000;
 /// The preemption bound of the two models that run whole breakpoint hits on both threads
@@ -130,54 +129,49 @@ fn seeded_free_checks_waiters_without_the_barrier() {
 /// cached breakpoint of the old mapping must never run. The unregistered consumer is never
 /// called after `sync` (it is marked freed then).
 fn cache_vs_change() {
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let seen2 = seen.clone();
-    let runs = common::Executions::new("xol cache vs unregister+remap (preemption bound 3)");
-    let count = runs.counter();
-    common::bounded(PB).check(move || {
-        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (u, mm) = world();
-        let old = Tracked::new();
-        u.register(key(X, A), old.clone()).unwrap();
-        u.register(key(Y, PAGE_SIZE + A), Tracked::new()).unwrap();
-        let xol = XolArea::new(XOL, 64, 2, LoomWait::default()).unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let w = {
-            let (u, mm, old, done) = (u.clone(), mm.clone(), old.clone(), done.clone());
-            thread::spawn(move || {
-                u.unregister(&key(X, A), &old).unwrap();
-                u.sync();
-                old.check.mark_freed();
-                mm.write()
-                    .replace_object(u.registry().rcu(), 0, ObjectId(Y), PAGE_SIZE)
-                    .unwrap();
-                done.store(true, Ordering::Release);
-            })
-        };
-        let reader = u.registry().rcu().register().unwrap();
-        let mut task: T<'_> = Task::new();
-        let (_, ok1) = hit_once(&u, &reader, &mm, &xol, &mut task, A);
-        let after = done.load(Ordering::Acquire);
-        let (second, ok2) = hit_once(&u, &reader, &mm, &xol, &mut task, A);
-        drop(task);
-        w.join().unwrap();
-        assert!(
-            ok1 && ok2,
-            "executed bytes that are not the displaced instruction"
-        );
-        if after {
-            assert_eq!(
-                second,
-                Seen::Run(Y, PAGE_SIZE + A),
-                "stale cache: ran a breakpoint of the old mapping"
+    common::explore(
+        "xol cache vs unregister+remap (preemption bound 3)",
+        common::bounded(PB),
+        &[(true, Seen::Run(Y, PAGE_SIZE + A))],
+        move || {
+            let (u, mm) = world();
+            let old = Tracked::new();
+            u.register(key(X, A), old.clone()).unwrap();
+            u.register(key(Y, PAGE_SIZE + A), Tracked::new()).unwrap();
+            let xol = XolArea::new(XOL, 64, 2, LoomWait::default()).unwrap();
+            let done = Arc::new(AtomicBool::new(false));
+            let w = {
+                let (u, mm, old, done) = (u.clone(), mm.clone(), old.clone(), done.clone());
+                thread::spawn(move || {
+                    u.unregister(&key(X, A), &old).unwrap();
+                    u.sync();
+                    old.check.mark_freed();
+                    mm.write()
+                        .replace_object(u.registry().rcu(), 0, ObjectId(Y), PAGE_SIZE)
+                        .unwrap();
+                    done.store(true, Ordering::Release);
+                })
+            };
+            let reader = u.registry().rcu().register().unwrap();
+            let mut task: T<'_> = Task::new();
+            let (_, ok1) = hit_once(&u, &reader, &mm, &xol, &mut task, A);
+            let after = done.load(Ordering::Acquire);
+            let (second, ok2) = hit_once(&u, &reader, &mm, &xol, &mut task, A);
+            drop(task);
+            w.join().unwrap();
+            assert!(
+                ok1 && ok2,
+                "executed bytes that are not the displaced instruction"
             );
-        }
-        seen2.lock().unwrap().insert((after, second));
-    });
-    let seen = seen.lock().unwrap();
-    assert!(
-        seen.contains(&(true, Seen::Run(Y, PAGE_SIZE + A))),
-        "coverage: {seen:?}"
+            if after {
+                assert_eq!(
+                    second,
+                    Seen::Run(Y, PAGE_SIZE + A),
+                    "stale cache: ran a breakpoint of the old mapping"
+                );
+            }
+            (after, second)
+        },
     );
 }
 

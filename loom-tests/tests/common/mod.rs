@@ -206,3 +206,35 @@ impl probe_core::xol::WaitQueue for LoomWait {
         self.cv.notify_all();
     }
 }
+
+/// Runs `model` under `builder`, counting its executions (printed when the run ends) and
+/// collecting the outcome each execution returns; then checks coverage: every outcome in
+/// `must_see` was reached in some execution — otherwise loom did not explore the interleavings
+/// the model exists for, and the model is reported broken (not caught: see [`CAUGHT`]).
+pub fn explore<T>(
+    name: &'static str,
+    builder: loom::model::Builder,
+    must_see: &[T],
+    model: impl Fn() -> T + Sync + Send + 'static,
+) where
+    T: Ord + std::fmt::Debug + Send + 'static,
+{
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let seen2 = seen.clone();
+    let runs = Executions::new(name);
+    let count = runs.counter();
+    builder.check(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let outcome = model();
+        seen2.lock().unwrap().insert(outcome);
+    });
+    let seen = seen.lock().unwrap();
+    for m in must_see {
+        assert!(seen.contains(m), "loom never explored {m:?}: {seen:?}");
+    }
+}
+
+/// An unbounded loom model builder.
+pub fn unbounded() -> loom::model::Builder {
+    loom::model::Builder::new()
+}
