@@ -159,9 +159,12 @@ impl<L: RawLock + Default> TextPatcher for ByteText<L> {
     }
 
     fn unmapped(&self, mm: MmId, start: u64, end: u64) {
-        self.overlay
-            .lock()
-            .retain(|&(m, a), _| m != mm || a < start || a >= end);
+        // Only the range's entries: an unmap costs what it drops, not the whole overlay.
+        let mut o = self.overlay.lock();
+        let gone: Vec<(MmId, u64)> = o.range((mm, start)..(mm, end)).map(|(k, _)| *k).collect();
+        for k in gone {
+            o.remove(&k);
+        }
     }
 
     fn moved(&self, mm: MmId, from: u64, to: u64, len: u64) {
@@ -179,8 +182,7 @@ impl<L: RawLock + Default> TextPatcher for ByteText<L> {
     fn forked(&self, parent: MmId, child: MmId) {
         let mut o = self.overlay.lock();
         let copied: Vec<(u64, u8)> = o
-            .iter()
-            .filter(|((m, _), _)| *m == parent)
+            .range((parent, 0)..=(parent, u64::MAX))
             .map(|(&(_, a), &b)| (a, b))
             .collect();
         for (a, b) in copied {

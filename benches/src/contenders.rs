@@ -1,0 +1,865 @@
+//! The implementations the contention report measures, behind one trait.
+//!
+//! Two questions, two sets of contenders:
+//!
+//! * **lookup** — a probe key (object, offset) to its consumers, as a trap handler does once it
+//!   knows the key. probe-core's [`Registry`]; the [`kprobe`] crate 0.6's `ProbeManager` (a
+//!   no_std probe library used by Rust kernels: its break handler takes a mutex and clones the
+//!   probe list on every hit); the 2012 kernel design of seed 000 (one spinlock around an
+//!   ordered tree, a reference taken on the hit probe); `RwLock<BTreeMap>`; an `ArcSwap` of a
+//!   copy-on-write `BTreeMap`; and the ceiling, an unsynchronized `BTreeMap` private to each
+//!   thread.
+//! * **resolve** — a trap *address* to its probe's consumers: find the mapping, compute (object,
+//!   offset), look the probe up. probe-core's speculative [`Uprobes::resolve`]; the 2012 kernel
+//!   (the address space under an `RwLock` as `mmap_sem`, then seed 000's locked tree); an address
+//!   space under an `RwLock` (the `mmap_lock` read side) or under the `seqlock` crate, each
+//!   followed by the `ArcSwap` map (the best lock-free lookup among the alternatives, so the
+//!   address-space protocol is what differs); and the ceiling, private copies of both.
+//!
+//! Every lock here that spins (probe-core's, seed 000's, the one `kprobe` is instantiated with)
+//! yields the thread when it cannot take the lock: in a user process a pure spin measures the
+//! scheduler once threads outnumber cores. The `kprobe` crate keys probes by address, not by
+//! (object, offset), and has no address-space model, so it appears in the lookup table only.
+
+use crate::workload::{Consumer, Consumers, Mapping, Regs, Target, Workload};
+use arc_swap::ArcSwap;
+use probe_core::lock::{Lock, RawLock, SpinLock, YieldRelax};
+use probe_core::mm::{AddressSpace, MmId, VmFlags};
+use probe_core::probe::{ObjectId, ProbeKey};
+use probe_core::rcu::{EpochRcu, Rcu};
+use probe_core::registry::Registry;
+use probe_core::testing::{ByteText, Int3};
+use probe_core::uprobes::{Hit, Uprobes};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// The spinlock every spinning contender uses: test-and-test-and-set, yielding when held.
+pub type Spin = SpinLock<YieldRelax>;
+
+/// One implementation under measurement.
+pub trait Contender: Sync {
+    /// Per-thread state (an RCU reader, private copies, a register file).
+    type Local<'a>
+    where
+        Self: 'a;
+    /// Name in the report.
+    fn name(&self) -> &'static str;
+    /// A hitting thread's state.
+    fn local(&self) -> Self::Local<'_>;
+    /// One probe hit on `t`: find its probe, call its consumers on `regs`.
+    fn hit<'a>(&'a self, local: &mut Self::Local<'a>, t: &Target, regs: &mut Regs);
+    /// The churn writer registers `t` with consumer `c`.
+    fn register(&self, t: &Target, c: &Arc<Consumer>);
+    /// The churn writer unregisters `t` (registered with `c`).
+    fn unregister(&self, t: &Target, c: &Arc<Consumer>);
+    /// The address-space churn maps `m` (resolve contenders only).
+    fn map(&self, _m: &Mapping) {}
+    /// The address-space churn unmaps `m` (resolve contenders only).
+    fn unmap(&self, _m: &Mapping) {}
+    /// Whether the churn writer changes what this contender's hits search (the ceiling's
+    /// private copies do not see churn).
+    fn sees_churn(&self) -> bool {
+        true
+    }
+}
+
+/// The hit probes of a workload with their consumers.
+pub struct Probes {
+    /// (target, its one consumer).
+    pub hit: Vec<(Target, Arc<Consumer>)>,
+    /// The churn targets' consumers, by index of [`Workload::churn`].
+    pub churn: Vec<Arc<Consumer>>,
+}
+
+impl Probes {
+    /// One consumer per probe of `w`.
+    pub fn new(w: &Workload) -> Self {
+        Self {
+            hit: w
+                .hit
+                .iter()
+                .map(|t| (*t, crate::workload::consumer(t.tag)))
+                .collect(),
+            churn: w
+                .churn
+                .iter()
+                .map(|t| crate::workload::consumer(t.tag))
+                .collect(),
+        }
+    }
+
+    fn map(&self) -> BTreeMap<ProbeKey, Consumers> {
+        self.hit
+            .iter()
+            .map(|(t, c)| (t.key, Arc::from([c.clone()])))
+            .collect()
+    }
+}
+
+#[inline(always)]
+fn call_all(cs: &[Arc<Consumer>], regs: &mut Regs) {
+    for c in cs {
+        c(regs);
+    }
+}
+
+// ------------------------------------------------------------------------------------ lookup
+
+/// probe-core's registry over crossbeam-epoch.
+pub struct CoreLookup {
+    reg: Registry<Consumer, EpochRcu, Spin>,
+}
+
+impl CoreLookup {
+    /// Registers every hit probe.
+    pub fn new(p: &Probes) -> Self {
+        let reg = Registry::new(EpochRcu::with_relax(std::thread::yield_now));
+        for (t, c) in &p.hit {
+            reg.register(t.key, c.clone()).expect("register");
+        }
+        Self { reg }
+    }
+}
+
+impl Contender for CoreLookup {
+    type Local<'a> = <EpochRcu as Rcu>::Reader<'a>;
+    fn name(&self) -> &'static str {
+        "probe-core"
+    }
+    fn local(&self) -> Self::Local<'_> {
+        self.reg.rcu().register().expect("rcu reader")
+    }
+    #[inline]
+    fn hit<'a>(&'a self, local: &mut Self::Local<'a>, t: &Target, regs: &mut Regs) {
+        let guard = self.reg.read(local);
+        if let Some(p) = guard.lookup(&t.key) {
+            call_all(p.consumers(), regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.reg.register(t.key, c.clone()).expect("register");
+    }
+    fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
+        self.reg.unregister(&t.key, c).expect("unregister");
+    }
+}
+
+/// Seed 000's design: one spinlock around an ordered tree; a hit takes the lock, finds the
+/// probe, takes a reference, drops the lock, runs the consumers, drops the reference.
+pub struct Seed000Lookup {
+    tree: Lock<Spin, BTreeMap<ProbeKey, Consumers>>,
+}
+
+impl Seed000Lookup {
+    /// Inserts every hit probe.
+    pub fn new(p: &Probes) -> Self {
+        Self {
+            tree: Lock::new(Spin::new(), p.map()),
+        }
+    }
+
+    #[inline]
+    fn find(&self, key: &ProbeKey) -> Option<Consumers> {
+        self.tree.lock().get(key).cloned()
+    }
+}
+
+impl Contender for Seed000Lookup {
+    type Local<'a> = ();
+    fn name(&self) -> &'static str {
+        "seed-000 lock+tree"
+    }
+    fn local(&self) {}
+    #[inline]
+    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+        if let Some(cs) = self.find(&t.key) {
+            call_all(&cs, regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.tree.lock().insert(t.key, Arc::from([c.clone()]));
+    }
+    fn unregister(&self, t: &Target, _: &Arc<Consumer>) {
+        self.tree.lock().remove(&t.key);
+    }
+}
+
+/// `RwLock<BTreeMap>`: consumers run under the read lock.
+pub struct RwLockLookup {
+    tree: RwLock<BTreeMap<ProbeKey, Consumers>>,
+}
+
+impl RwLockLookup {
+    /// Inserts every hit probe.
+    pub fn new(p: &Probes) -> Self {
+        Self {
+            tree: RwLock::new(p.map()),
+        }
+    }
+}
+
+impl Contender for RwLockLookup {
+    type Local<'a> = ();
+    fn name(&self) -> &'static str {
+        "RwLock<BTreeMap>"
+    }
+    fn local(&self) {}
+    #[inline]
+    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+        if let Some(cs) = self.tree.read().unwrap().get(&t.key) {
+            call_all(cs, regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.tree
+            .write()
+            .unwrap()
+            .insert(t.key, Arc::from([c.clone()]));
+    }
+    fn unregister(&self, t: &Target, _: &Arc<Consumer>) {
+        self.tree.write().unwrap().remove(&t.key);
+    }
+}
+
+/// An `ArcSwap` of a `BTreeMap`: lock-free reads, each write copies the map (cheaply: values
+/// are shared `Arc`s) and swaps it in.
+pub struct ArcSwapLookup {
+    map: ArcSwap<BTreeMap<ProbeKey, Consumers>>,
+}
+
+impl ArcSwapLookup {
+    /// Inserts every hit probe.
+    pub fn new(p: &Probes) -> Self {
+        Self {
+            map: ArcSwap::from_pointee(p.map()),
+        }
+    }
+
+    #[inline]
+    fn hit_key(&self, key: &ProbeKey, regs: &mut Regs) {
+        if let Some(cs) = self.map.load().get(key) {
+            call_all(cs, regs);
+        }
+    }
+
+    fn update(&self, f: impl Fn(&mut BTreeMap<ProbeKey, Consumers>)) {
+        self.map.rcu(|m| {
+            let mut m = BTreeMap::clone(m);
+            f(&mut m);
+            m
+        });
+    }
+}
+
+impl Contender for ArcSwapLookup {
+    type Local<'a> = ();
+    fn name(&self) -> &'static str {
+        "ArcSwap<BTreeMap>"
+    }
+    fn local(&self) {}
+    #[inline]
+    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+        self.hit_key(&t.key, regs);
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.update(|m| {
+            m.insert(t.key, Arc::from([c.clone()]));
+        });
+    }
+    fn unregister(&self, t: &Target, _: &Arc<Consumer>) {
+        self.update(|m| {
+            m.remove(&t.key);
+        });
+    }
+}
+
+/// The ceiling: each thread looks up in its own private copy, with no synchronization at all.
+pub struct CeilingLookup {
+    map: BTreeMap<ProbeKey, Consumers>,
+}
+
+impl CeilingLookup {
+    /// A map every thread copies.
+    pub fn new(p: &Probes) -> Self {
+        Self { map: p.map() }
+    }
+}
+
+impl Contender for CeilingLookup {
+    type Local<'a> = BTreeMap<ProbeKey, Consumers>;
+    fn name(&self) -> &'static str {
+        "ceiling (private BTreeMap)"
+    }
+    fn local(&self) -> Self::Local<'_> {
+        self.map.clone()
+    }
+    #[inline]
+    fn hit<'a>(&'a self, local: &mut Self::Local<'a>, t: &Target, regs: &mut Regs) {
+        if let Some(cs) = local.get(&t.key) {
+            call_all(cs, regs);
+        }
+    }
+    fn register(&self, _: &Target, _: &Arc<Consumer>) {}
+    fn unregister(&self, _: &Target, _: &Arc<Consumer>) {}
+    fn sees_churn(&self) -> bool {
+        false
+    }
+}
+
+// ----------------------------------------------------------------------------- kprobe 0.6
+
+/// `lock_api::RawMutex` over the report's spinlock, for the `kprobe` crate.
+pub struct KSpin(Spin);
+
+// SAFETY: `Spin` is a mutual-exclusion lock (its `RawLock` contract): `lock` returns only to one
+// holder at a time and `unlock` is called by the holder only (lock_api's contract for `unlock`).
+unsafe impl lock_api::RawMutex for KSpin {
+    #[allow(clippy::declare_interior_mutable_const)]
+    const INIT: Self = KSpin(SpinLock::new());
+    type GuardMarker = lock_api::GuardSend;
+    fn lock(&self) {
+        RawLock::lock(&self.0);
+    }
+    fn try_lock(&self) -> bool {
+        RawLock::try_lock(&self.0)
+    }
+    unsafe fn unlock(&self) {
+        // SAFETY: lock_api calls `unlock` only on behalf of the holder.
+        unsafe { RawLock::unlock(&self.0) }
+    }
+}
+
+/// The host operations `kprobe` needs, over plain memory: the "text" is a heap arena of `nop`s
+/// that is never executed, only patched.
+#[derive(Debug)]
+pub struct ArenaOps;
+
+impl kprobe::KprobeAuxiliaryOps for ArenaOps {
+    fn copy_memory(src: *const u8, dst: *mut u8, len: usize, _: Option<i32>) {
+        // SAFETY: `kprobe` copies the instruction bytes at a probe address (inside the arena,
+        // which has 15 bytes of slack at its end) into a page it got from us.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) }
+    }
+    fn set_writeable_for_address<F: FnOnce(*mut u8)>(
+        address: usize,
+        _: usize,
+        _: Option<i32>,
+        action: F,
+    ) {
+        action(address as *mut u8)
+    }
+    fn alloc_kernel_exec_memory() -> *mut u8 {
+        Box::into_raw(Box::new([0u8; 4096])).cast()
+    }
+    fn free_kernel_exec_memory(ptr: *mut u8) {
+        // SAFETY: `ptr` came from `alloc_kernel_exec_memory`, which boxed a page.
+        drop(unsafe { Box::from_raw(ptr.cast::<[u8; 4096]>()) })
+    }
+    fn alloc_user_exec_memory<F: FnOnce(*mut u8)>(_: Option<i32>, action: F) -> *mut u8 {
+        let p = Self::alloc_kernel_exec_memory();
+        action(p);
+        p
+    }
+    fn free_user_exec_memory(_: Option<i32>, ptr: *mut u8) {
+        Self::free_kernel_exec_memory(ptr)
+    }
+    fn insert_kretprobe_instance_to_task(_: kprobe::retprobe::RetprobeInstance) {
+        unreachable!("the report registers no kretprobes")
+    }
+    fn pop_kretprobe_instance_from_task() -> kprobe::retprobe::RetprobeInstance {
+        unreachable!("the report registers no kretprobes")
+    }
+}
+
+type KManager = kprobe::ProbeManager<KSpin, ArenaOps>;
+type KProbe = kprobe::Kprobe<KSpin, ArenaOps>;
+
+/// What a `kprobe` probe carries: the tag its handler adds.
+#[derive(Debug)]
+struct Tag(u64);
+
+/// The `kprobe` pre-handler: the same work as [`crate::workload::consumer`], on the crate's
+/// register file (`r15` counts, `r14` sums).
+fn kprobe_consumer(data: &dyn kprobe::ProbeData, regs: &mut kprobe::PtRegs) {
+    if let Some(Tag(tag)) = data.as_any().downcast_ref::<Tag>() {
+        regs.r15 += 1;
+        regs.r14 = regs.r14.wrapping_add(*tag as usize);
+    }
+}
+
+struct KState {
+    points: kprobe::ProbePointList<ArenaOps>,
+    live: HashMap<usize, Arc<KProbe>>,
+}
+
+/// The `kprobe` crate 0.6: `ProbeManager` and its break handler, `kprobe_handler_from_break`.
+pub struct KprobeLookup {
+    manager: Option<KManager>,
+    state: Mutex<KState>,
+    arena: *mut [u8],
+    base: usize,
+}
+
+// SAFETY: the arena is written only through `kprobe`'s patching calls, which run under `state`'s
+// mutex (registration) or in `Drop` (exclusive); hits only compute addresses from `base`.
+unsafe impl Sync for KprobeLookup {}
+
+impl KprobeLookup {
+    /// An arena with every object's code, every hit probe registered.
+    pub fn new(w: &Workload) -> Self {
+        // Every object's bytes, back to back, plus the 15 bytes `kprobe` reads past a probe.
+        let arena = Box::into_raw(
+            vec![0x90u8; (w.object_len * crate::workload::OBJECTS) as usize + 16]
+                .into_boxed_slice(),
+        );
+        let me = Self {
+            manager: Some(KManager::new()),
+            state: Mutex::new(KState {
+                points: BTreeMap::new(),
+                live: HashMap::new(),
+            }),
+            base: arena as *mut u8 as usize,
+            arena,
+        };
+        for t in &w.hit {
+            me.add(t);
+        }
+        me
+    }
+
+    fn manager(&self) -> &KManager {
+        self.manager.as_ref().expect("manager lives until drop")
+    }
+
+    fn add(&self, t: &Target) {
+        let b = kprobe::ProbeBuilder::<ArenaOps>::new()
+            .with_symbol_addr(self.base + t.arena)
+            .with_pre_handler(kprobe_consumer)
+            .with_data(Tag(t.tag))
+            .with_enable(true);
+        let mut s = self.state.lock().unwrap();
+        let p = kprobe::register_kprobe(self.manager(), &mut s.points, b).expect("kprobe install");
+        s.live.insert(t.arena, p);
+    }
+}
+
+impl Drop for KprobeLookup {
+    fn drop(&mut self) {
+        // Probe points restore their bytes into the arena when dropped: free it last.
+        let s = self.state.get_mut().unwrap();
+        s.live.clear();
+        s.points.clear();
+        self.manager = None;
+        // SAFETY: `arena` came from `Box::into_raw` in `new`; nothing refers to it any more.
+        drop(unsafe { Box::from_raw(self.arena) });
+    }
+}
+
+impl Contender for KprobeLookup {
+    type Local<'a> = kprobe::PtRegs;
+    fn name(&self) -> &'static str {
+        "kprobe 0.6"
+    }
+    fn local(&self) -> kprobe::PtRegs {
+        // SAFETY: `PtRegs` is `repr(C)` and all `usize`: all-zero is a valid value.
+        unsafe { std::mem::zeroed() }
+    }
+    #[inline]
+    fn hit<'a>(&'a self, pt: &mut kprobe::PtRegs, t: &Target, regs: &mut Regs) {
+        // The trap leaves the instruction pointer after the one-byte int3.
+        pt.rip = self.base + t.arena + 1;
+        pt.r15 = regs.hits as usize;
+        pt.r14 = regs.sum as usize;
+        kprobe::kprobe_handler_from_break(self.manager(), pt);
+        regs.hits = pt.r15 as u64;
+        regs.sum = pt.r14 as u64;
+    }
+    fn register(&self, t: &Target, _: &Arc<Consumer>) {
+        self.add(t);
+    }
+    fn unregister(&self, t: &Target, _: &Arc<Consumer>) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(p) = s.live.remove(&t.arena) {
+            kprobe::unregister_kprobe(self.manager(), &mut s.points, p);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------- resolve
+
+type CoreU = Uprobes<Consumer, EpochRcu, Int3, ByteText<Spin>, Spin>;
+
+/// probe-core's `Uprobes::resolve` (speculative, locked fallback) over its own address space.
+pub struct CoreResolve {
+    u: CoreU,
+    mm: Arc<AddressSpace<Spin>>,
+}
+
+impl CoreResolve {
+    /// Every object mapped executable, every hit probe registered (breakpoints installed).
+    pub fn new(w: &Workload, p: &Probes) -> Self {
+        let text = ByteText::new();
+        for m in &w.mappings {
+            text.add_object(ObjectId(m.object), vec![0x90; w.object_len as usize]);
+        }
+        text.add_object(
+            ObjectId(w.churn_mapping.object),
+            vec![0x90; (w.churn_mapping.end - w.churn_mapping.start) as usize],
+        );
+        let u: CoreU = Uprobes::new(EpochRcu::with_relax(std::thread::yield_now), text);
+        let mm = u.create_mm(MmId(1)).expect("create mm");
+        for m in &w.mappings {
+            u.mmap(
+                &mm,
+                m.start,
+                m.end - m.start,
+                m.pgoff,
+                ObjectId(m.object),
+                VmFlags::EXEC,
+            )
+            .expect("mmap");
+        }
+        for (t, c) in &p.hit {
+            u.register(t.key, c.clone()).expect("register");
+        }
+        Self { u, mm }
+    }
+}
+
+impl Contender for CoreResolve {
+    type Local<'a> = <EpochRcu as Rcu>::Reader<'a>;
+    fn name(&self) -> &'static str {
+        "probe-core"
+    }
+    fn local(&self) -> Self::Local<'_> {
+        self.u.registry().rcu().register().expect("rcu reader")
+    }
+    #[inline]
+    fn hit<'a>(&'a self, local: &mut Self::Local<'a>, t: &Target, regs: &mut Regs) {
+        let guard = self.u.read(local);
+        if let Hit::Run(p) = self.u.resolve(&guard, &*self.mm, t.addr).0 {
+            call_all(p.consumers(), regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.u.register(t.key, c.clone()).expect("register");
+    }
+    fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
+        self.u.unregister(&t.key, c).expect("unregister");
+    }
+    fn map(&self, m: &Mapping) {
+        self.u
+            .mmap(
+                &self.mm,
+                m.start,
+                m.end - m.start,
+                m.pgoff,
+                ObjectId(m.object),
+                VmFlags::EXEC,
+            )
+            .expect("mmap");
+    }
+    fn unmap(&self, m: &Mapping) {
+        self.u
+            .munmap(&self.mm, m.start, m.end - m.start)
+            .expect("munmap");
+    }
+}
+
+/// The mapping containing `addr` in a sorted slice.
+#[inline]
+fn find(ms: &[Mapping], addr: u64) -> Option<&Mapping> {
+    let i = ms.partition_point(|m| m.start <= addr).checked_sub(1)?;
+    Some(&ms[i]).filter(|m| addr < m.end)
+}
+
+#[inline]
+fn key_of(m: &Mapping, addr: u64) -> ProbeKey {
+    ProbeKey::new(ObjectId(m.object), addr - m.start + m.pgoff)
+}
+
+fn insert_sorted(ms: &mut Vec<Mapping>, m: &Mapping) {
+    let i = ms.partition_point(|x| x.start < m.start);
+    ms.insert(i, *m);
+}
+
+/// The 2012 kernel: the address space under a reader-writer lock (`mmap_sem`), then seed 000's
+/// locked tree with a reference taken on the probe.
+pub struct Seed000Resolve {
+    mm: RwLock<Vec<Mapping>>,
+    tree: Seed000Lookup,
+}
+
+impl Seed000Resolve {
+    /// Every object mapped, every hit probe inserted.
+    pub fn new(w: &Workload, p: &Probes) -> Self {
+        Self {
+            mm: RwLock::new(w.mappings.clone()),
+            tree: Seed000Lookup::new(p),
+        }
+    }
+}
+
+impl Contender for Seed000Resolve {
+    type Local<'a> = ();
+    fn name(&self) -> &'static str {
+        "seed-000 mmap_sem+lock+tree"
+    }
+    fn local(&self) {}
+    #[inline]
+    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+        let cs = {
+            let mm = self.mm.read().unwrap();
+            find(&mm, t.addr).and_then(|m| self.tree.find(&key_of(m, t.addr)))
+        };
+        if let Some(cs) = cs {
+            call_all(&cs, regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.tree.register(t, c);
+    }
+    fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
+        self.tree.unregister(t, c);
+    }
+    fn map(&self, m: &Mapping) {
+        insert_sorted(&mut self.mm.write().unwrap(), m);
+    }
+    fn unmap(&self, m: &Mapping) {
+        self.mm.write().unwrap().retain(|x| x.start != m.start);
+    }
+}
+
+/// The address space under an `RwLock` (the `mmap_lock` read side), then the `ArcSwap` map.
+pub struct RwLockResolve {
+    mm: RwLock<Vec<Mapping>>,
+    probes: ArcSwapLookup,
+}
+
+impl RwLockResolve {
+    /// Every object mapped, every hit probe inserted.
+    pub fn new(w: &Workload, p: &Probes) -> Self {
+        Self {
+            mm: RwLock::new(w.mappings.clone()),
+            probes: ArcSwapLookup::new(p),
+        }
+    }
+}
+
+impl Contender for RwLockResolve {
+    type Local<'a> = ();
+    fn name(&self) -> &'static str {
+        "RwLock mm + ArcSwap map"
+    }
+    fn local(&self) {}
+    #[inline]
+    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+        let key = {
+            let mm = self.mm.read().unwrap();
+            find(&mm, t.addr).map(|m| key_of(m, t.addr))
+        };
+        if let Some(key) = key {
+            self.probes.hit_key(&key, regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.probes.register(t, c);
+    }
+    fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
+        self.probes.unregister(t, c);
+    }
+    fn map(&self, m: &Mapping) {
+        insert_sorted(&mut self.mm.write().unwrap(), m);
+    }
+    fn unmap(&self, m: &Mapping) {
+        self.mm.write().unwrap().retain(|x| x.start != m.start);
+    }
+}
+
+/// Mappings a [`SeqLockResolve`] address space holds at most.
+pub const SEQ_MAPPINGS: usize = 20;
+
+/// The address space as the `seqlock` crate needs it: `Copy`, read whole.
+#[derive(Clone, Copy)]
+pub struct MappingTable {
+    len: usize,
+    m: [Mapping; SEQ_MAPPINGS],
+}
+
+impl MappingTable {
+    fn new(ms: &[Mapping]) -> Self {
+        assert!(
+            ms.len() <= SEQ_MAPPINGS,
+            "MappingTable holds {SEQ_MAPPINGS} mappings"
+        );
+        let mut t = Self {
+            len: ms.len(),
+            m: [Mapping::default(); SEQ_MAPPINGS],
+        };
+        t.m[..ms.len()].copy_from_slice(ms);
+        t
+    }
+}
+
+/// The address space under the `seqlock` crate (each read copies the table, retrying while a
+/// writer is inside), then the `ArcSwap` map.
+pub struct SeqLockResolve {
+    mm: seqlock::SeqLock<MappingTable>,
+    probes: ArcSwapLookup,
+}
+
+impl SeqLockResolve {
+    /// Every object mapped, every hit probe inserted.
+    pub fn new(w: &Workload, p: &Probes) -> Self {
+        Self {
+            mm: seqlock::SeqLock::new(MappingTable::new(&w.mappings)),
+            probes: ArcSwapLookup::new(p),
+        }
+    }
+}
+
+impl Contender for SeqLockResolve {
+    type Local<'a> = ();
+    fn name(&self) -> &'static str {
+        "seqlock mm + ArcSwap map"
+    }
+    fn local(&self) {}
+    #[inline]
+    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+        let table = self.mm.read();
+        if let Some(m) = find(&table.m[..table.len], t.addr) {
+            self.probes.hit_key(&key_of(m, t.addr), regs);
+        }
+    }
+    fn register(&self, t: &Target, c: &Arc<Consumer>) {
+        self.probes.register(t, c);
+    }
+    fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
+        self.probes.unregister(t, c);
+    }
+    fn map(&self, m: &Mapping) {
+        let mut w = self.mm.lock_write();
+        let mut v = w.m[..w.len].to_vec();
+        insert_sorted(&mut v, m);
+        *w = MappingTable::new(&v);
+    }
+    fn unmap(&self, m: &Mapping) {
+        let mut w = self.mm.lock_write();
+        let v: Vec<Mapping> = w.m[..w.len]
+            .iter()
+            .filter(|x| x.start != m.start)
+            .copied()
+            .collect();
+        *w = MappingTable::new(&v);
+    }
+}
+
+/// The ceiling: each thread resolves in private copies of the mappings and the map.
+pub struct CeilingResolve {
+    mm: Vec<Mapping>,
+    map: BTreeMap<ProbeKey, Consumers>,
+}
+
+impl CeilingResolve {
+    /// The mappings and the map every thread copies.
+    pub fn new(w: &Workload, p: &Probes) -> Self {
+        Self {
+            mm: w.mappings.clone(),
+            map: p.map(),
+        }
+    }
+}
+
+impl Contender for CeilingResolve {
+    type Local<'a> = (Vec<Mapping>, BTreeMap<ProbeKey, Consumers>);
+    fn name(&self) -> &'static str {
+        "ceiling (private copies)"
+    }
+    fn local(&self) -> Self::Local<'_> {
+        (self.mm.clone(), self.map.clone())
+    }
+    #[inline]
+    fn hit<'a>(&'a self, local: &mut Self::Local<'a>, t: &Target, regs: &mut Regs) {
+        if let Some(m) = find(&local.0, t.addr)
+            && let Some(cs) = local.1.get(&key_of(m, t.addr))
+        {
+            call_all(cs, regs);
+        }
+    }
+    fn register(&self, _: &Target, _: &Arc<Consumer>) {}
+    fn unregister(&self, _: &Target, _: &Arc<Consumer>) {}
+    fn sees_churn(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::STREAM;
+
+    /// Every contender, before and after churn, finds the same probes for the same stream.
+    fn same_answers<C: Contender>(c: &C, w: &Workload, p: &Probes) {
+        fn run<'a, C: Contender>(c: &'a C, local: &mut C::Local<'a>, w: &Workload) -> Regs {
+            let mut r = Regs::default();
+            for t in w.stream(1) {
+                c.hit(local, t, &mut r);
+            }
+            r
+        }
+        let mut local = c.local();
+        let expected = Workload::expected(w.stream(1));
+        assert_eq!(run(c, &mut local, w), expected, "{}", c.name());
+        for (t, k) in w.churn.iter().zip(&p.churn).take(64) {
+            c.register(t, k);
+            c.map(&w.churn_mapping);
+            assert_eq!(run(c, &mut local, w).hits, STREAM as u64, "{}", c.name());
+            c.unmap(&w.churn_mapping);
+            c.unregister(t, k);
+        }
+        assert_eq!(run(c, &mut local, w), expected, "{}", c.name());
+    }
+
+    #[test]
+    fn every_contender_finds_every_probe() {
+        let w = Workload::new(1000, 2);
+        let p = Probes::new(&w);
+        same_answers(&CoreLookup::new(&p), &w, &p);
+        same_answers(&KprobeLookup::new(&w), &w, &p);
+        same_answers(&Seed000Lookup::new(&p), &w, &p);
+        same_answers(&RwLockLookup::new(&p), &w, &p);
+        same_answers(&ArcSwapLookup::new(&p), &w, &p);
+        same_answers(&CeilingLookup::new(&p), &w, &p);
+        same_answers(&CoreResolve::new(&w, &p), &w, &p);
+        same_answers(&Seed000Resolve::new(&w, &p), &w, &p);
+        same_answers(&RwLockResolve::new(&w, &p), &w, &p);
+        same_answers(&SeqLockResolve::new(&w, &p), &w, &p);
+        same_answers(&CeilingResolve::new(&w, &p), &w, &p);
+    }
+
+    #[test]
+    fn a_churn_probe_is_found_while_registered() {
+        // The churn must really change what the trees hold: a hit on a churn target finds it
+        // only between register and unregister.
+        let w = Workload::new(1000, 1);
+        let p = Probes::new(&w);
+        let c = CoreLookup::new(&p);
+        let (t, k) = (&w.churn[3], &p.churn[3]);
+        let mut local = c.local();
+        let mut r = Regs::default();
+        c.hit(&mut local, t, &mut r);
+        assert_eq!(r.hits, 0);
+        c.register(t, k);
+        c.hit(&mut local, t, &mut r);
+        assert_eq!(
+            r,
+            Regs {
+                hits: 1,
+                sum: t.tag
+            }
+        );
+        c.unregister(t, k);
+        c.hit(&mut local, t, &mut r);
+        assert_eq!(r.hits, 1);
+    }
+}

@@ -1,0 +1,518 @@
+//! The contention report's output: the text table, the goals, CSV and SVG.
+
+use crate::config::Table;
+use crate::run::Sample;
+use std::fmt::Write as _;
+
+/// The name probe-core's rows carry.
+pub const PROBE_CORE: &str = "probe-core";
+/// Goal: probe-core's hits/s at least this fraction of the ceiling's, at every thread count.
+pub const GOAL_CEILING: f64 = 0.85;
+/// Goal: scaling efficiency at least this at every core count of the machine.
+pub const GOAL_EFFICIENCY: f64 = 0.9;
+
+/// Every window of one implementation at one point.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// Which table.
+    pub table: Table,
+    /// Probe count.
+    pub probes: usize,
+    /// Hitting threads.
+    pub threads: usize,
+    /// Implementation.
+    pub name: &'static str,
+    /// One sample per repeat.
+    pub samples: Vec<Sample>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl Row {
+    /// Median hits/s over the repeats.
+    pub fn hits(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.hits_per_s).collect())
+    }
+    /// Slowest and fastest repeat.
+    pub fn spread(&self) -> (f64, f64) {
+        let h = self.samples.iter().map(|s| s.hits_per_s);
+        (
+            h.clone().fold(f64::INFINITY, f64::min),
+            h.fold(0.0, f64::max),
+        )
+    }
+    /// Median achieved churn (registrations + unregistrations per second).
+    pub fn churn(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.churn_per_s).collect())
+    }
+    /// Median achieved address-space churn.
+    pub fn mm_churn(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.mm_churn_per_s).collect())
+    }
+}
+
+/// All rows of a run, with the machine they ran on.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// Every row.
+    pub rows: Vec<Row>,
+    /// Cores the machine offers.
+    pub cores: usize,
+}
+
+/// Hits/s divided by the parallelism available to `threads` threads on `cores` cores, relative
+/// to one thread: 1.0 is perfect scaling. Oversubscribed points divide by `cores`.
+pub fn efficiency(at_n: f64, at_1: f64, threads: usize, cores: usize) -> f64 {
+    at_n / (threads.min(cores.max(1)) as f64 * at_1)
+}
+
+impl Results {
+    fn find(&self, t: Table, probes: usize, threads: usize, name: &str) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.table == t && r.probes == probes && r.threads == threads && r.name == name)
+    }
+
+    fn ceiling_name(&self, t: Table, probes: usize) -> Option<&'static str> {
+        self.rows
+            .iter()
+            .find(|r| r.table == t && r.probes == probes && r.name.starts_with("ceiling"))
+            .map(|r| r.name)
+    }
+
+    /// (table, probes) groups in run order.
+    fn groups(&self) -> Vec<(Table, usize)> {
+        let mut g: Vec<(Table, usize)> = Vec::new();
+        for r in &self.rows {
+            if !g.contains(&(r.table, r.probes)) {
+                g.push((r.table, r.probes));
+            }
+        }
+        g
+    }
+
+    fn names(&self, t: Table, probes: usize) -> Vec<&'static str> {
+        let mut n: Vec<&'static str> = Vec::new();
+        for r in self
+            .rows
+            .iter()
+            .filter(|r| r.table == t && r.probes == probes)
+        {
+            if !n.contains(&r.name) {
+                n.push(r.name);
+            }
+        }
+        n
+    }
+
+    fn threads(&self, t: Table, probes: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = self
+            .rows
+            .iter()
+            .filter(|r| r.table == t && r.probes == probes)
+            .map(|r| r.threads)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Ratio of `row` to the ceiling at the same point.
+    pub fn to_ceiling(&self, row: &Row) -> Option<f64> {
+        let c = self.find(
+            row.table,
+            row.probes,
+            row.threads,
+            self.ceiling_name(row.table, row.probes)?,
+        )?;
+        Some(row.hits() / c.hits())
+    }
+
+    /// Scaling efficiency of `row` (see [`efficiency`]); `None` at one thread.
+    pub fn efficiency(&self, row: &Row) -> Option<f64> {
+        if row.threads == 1 {
+            return None;
+        }
+        let one = self.find(row.table, row.probes, 1, row.name)?;
+        Some(efficiency(row.hits(), one.hits(), row.threads, self.cores))
+    }
+
+    /// The text tables.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        for (t, probes) in self.groups() {
+            let threads = self.threads(t, probes);
+            let what = match t {
+                Table::Lookup => "probe key -> consumers",
+                Table::Resolve => "trap address -> mapping -> probe -> consumers",
+            };
+            let _ = writeln!(s, "\n{} ({what}), {probes} probes", t.name());
+            let _ = write!(s, "{:<30}", "implementation");
+            for &n in &threads {
+                let over = if n > self.cores { "*" } else { "" };
+                let _ = write!(s, "| {:>20} ", format!("{n}{over} thr: Mhit/s ×ceil"));
+            }
+            let _ = write!(s, "| {:>10} ", "efficiency");
+            let _ = writeln!(s, "| churn/s achieved");
+            for name in self.names(t, probes) {
+                let _ = write!(s, "{name:<30}");
+                let mut effs = Vec::new();
+                let mut churn = String::new();
+                for &n in &threads {
+                    match self.find(t, probes, n, name) {
+                        Some(r) => {
+                            let ratio = self
+                                .to_ceiling(r)
+                                .map_or("-".into(), |x| format!("{x:.2}×"));
+                            let _ = write!(s, "| {:>12.2} {:>7} ", r.hits() / 1e6, ratio);
+                            if let Some(e) = self.efficiency(r).filter(|_| n <= self.cores) {
+                                effs.push(format!("{e:.2}"));
+                            }
+                            churn = match t {
+                                Table::Lookup => format!("{:.0}", r.churn()),
+                                Table::Resolve => {
+                                    format!("{:.0} reg, {:.0} mm", r.churn(), r.mm_churn())
+                                }
+                            };
+                        }
+                        None => {
+                            let _ = write!(s, "| {:>20} ", "-");
+                        }
+                    }
+                }
+                let _ = write!(
+                    s,
+                    "| {:>10} ",
+                    if effs.is_empty() {
+                        "-".into()
+                    } else {
+                        effs.join(" ")
+                    }
+                );
+                let _ = writeln!(s, "| {churn}");
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\n* oversubscribed: more hitting threads than cores ({}).\n\
+             efficiency: hits/s at N / (N x hits/s at 1), for each N from 2 to the core count.\n\
+             churn/s achieved: (un)registrations and maps+unmaps the writer managed in the window\n\
+             at the last thread count (a writer that cannot keep up shows it here).",
+            self.cores
+        );
+        s
+    }
+
+    /// probe-core against the goals and each alternative, one line each.
+    pub fn goals(&self) -> String {
+        let mut s = String::from("\ngoals\n");
+        for (t, probes) in self.groups() {
+            let threads = self.threads(t, probes);
+            let mut ceil = Vec::new();
+            let mut eff = Vec::new();
+            for &n in &threads {
+                if let Some(r) = self.find(t, probes, n, PROBE_CORE) {
+                    if let Some(x) = self.to_ceiling(r) {
+                        ceil.push((n, x));
+                    }
+                    if let Some(e) = self.efficiency(r).filter(|_| n <= self.cores) {
+                        eff.push((n, e));
+                    }
+                }
+            }
+            let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+            let fmt = |v: &[(usize, f64)]| {
+                v.iter()
+                    .map(|(n, x)| format!("{x:.2} at {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let _ = writeln!(
+                s,
+                "{} {probes}: probe-core / ceiling >= {GOAL_CEILING}: {} ({})",
+                t.name(),
+                verdict(ceil.iter().all(|&(_, x)| x >= GOAL_CEILING)),
+                fmt(&ceil)
+            );
+            if !eff.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "{} {probes}: scaling efficiency >= {GOAL_EFFICIENCY}: {} ({})",
+                    t.name(),
+                    verdict(eff.iter().all(|&(_, x)| x >= GOAL_EFFICIENCY)),
+                    fmt(&eff)
+                );
+            }
+            let top = threads.iter().copied().filter(|&n| n <= self.cores).max();
+            if let (Some(n), Some(pc)) =
+                (top, top.and_then(|n| self.find(t, probes, n, PROBE_CORE)))
+            {
+                let others: Vec<String> = self
+                    .names(t, probes)
+                    .into_iter()
+                    .filter(|&name| name != PROBE_CORE && !name.starts_with("ceiling"))
+                    .filter_map(|name| self.find(t, probes, n, name))
+                    .map(|r| format!("{:.2}× {}", pc.hits() / r.hits(), r.name))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "{} {probes}: probe-core hits/s over each alternative at {n} threads: {}",
+                    t.name(),
+                    others.join(", ")
+                );
+            }
+        }
+        s
+    }
+
+    /// The CSV.
+    pub fn csv(&self) -> String {
+        let mut s = String::from(
+            "table,probes,threads,cores,implementation,hits_per_s_median,hits_per_s_min,hits_per_s_max,\
+             ratio_to_ceiling,scaling_efficiency,churn_per_s,mm_churn_per_s,repeats\n",
+        );
+        for r in &self.rows {
+            let (lo, hi) = r.spread();
+            let opt = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.4}"));
+            let _ = writeln!(
+                s,
+                "{},{},{},{},{},{:.0},{:.0},{:.0},{},{},{:.0},{:.0},{}",
+                r.table.name(),
+                r.probes,
+                r.threads,
+                self.cores,
+                r.name,
+                r.hits(),
+                lo,
+                hi,
+                opt(self.to_ceiling(r)),
+                opt(self.efficiency(r)),
+                r.churn(),
+                r.mm_churn(),
+                r.samples.len()
+            );
+        }
+        s
+    }
+
+    /// An SVG chart: one panel per (table, probe count), hits/s against threads, one line per
+    /// implementation.
+    pub fn svg(&self) -> String {
+        const W: f64 = 460.0;
+        const H: f64 = 300.0;
+        const COLORS: [&str; 8] = [
+            "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#17becf",
+        ];
+        let groups = self.groups();
+        let cols = 2usize;
+        let rows = groups.len().div_ceil(cols).max(1);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+            W * cols as f64,
+            H * rows as f64
+        );
+        let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+        for (gi, &(t, probes)) in groups.iter().enumerate() {
+            let (ox, oy) = ((gi % cols) as f64 * W, (gi / cols) as f64 * H);
+            let (l, r, top, bottom) = (ox + 55.0, ox + W - 150.0, oy + 30.0, oy + H - 40.0);
+            let threads = self.threads(t, probes);
+            let max = self
+                .rows
+                .iter()
+                .filter(|x| x.table == t && x.probes == probes)
+                .map(Row::hits)
+                .fold(1.0, f64::max)
+                * 1.1;
+            let xs = |i: usize| {
+                if threads.len() <= 1 {
+                    (l + r) / 2.0
+                } else {
+                    l + (r - l) * i as f64 / (threads.len() - 1) as f64
+                }
+            };
+            let ys = |v: f64| bottom - (bottom - top) * v / max;
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" font-size="13" font-weight="bold">{}, {} probes</text>"#,
+                l,
+                oy + 18.0,
+                t.name(),
+                probes
+            );
+            let _ = writeln!(
+                s,
+                r#"<line x1="{l}" y1="{bottom}" x2="{r}" y2="{bottom}" stroke="black"/><line x1="{l}" y1="{top}" x2="{l}" y2="{bottom}" stroke="black"/>"#
+            );
+            for k in 0..=4 {
+                let v = max * k as f64 / 4.0;
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{}" y="{}" text-anchor="end">{:.0}M</text><line x1="{l}" y1="{y}" x2="{r}" y2="{y}" stroke="#eee"/>"##,
+                    l - 4.0,
+                    ys(v) + 4.0,
+                    v / 1e6,
+                    y = ys(v)
+                );
+            }
+            for (i, n) in threads.iter().enumerate() {
+                let over = if *n > self.cores { "*" } else { "" };
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{}" y="{}" text-anchor="middle">{n}{over}</text>"#,
+                    xs(i),
+                    bottom + 14.0
+                );
+            }
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">hitting threads (* oversubscribed)</text><text x="{}" y="{}" transform="rotate(-90 {} {})" text-anchor="middle">hits/s</text>"#,
+                (l + r) / 2.0,
+                bottom + 30.0,
+                ox + 12.0,
+                (top + bottom) / 2.0,
+                ox + 12.0,
+                (top + bottom) / 2.0
+            );
+            for (ni, name) in self.names(t, probes).into_iter().enumerate() {
+                let color = COLORS[ni % COLORS.len()];
+                let pts: Vec<String> = threads
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, &n)| {
+                        self.find(t, probes, n, name)
+                            .map(|row| format!("{:.1},{:.1}", xs(i), ys(row.hits())))
+                    })
+                    .collect();
+                let width = if name == PROBE_CORE { 3 } else { 1 };
+                let dash = if name.starts_with("ceiling") {
+                    r#" stroke-dasharray="4 3""#
+                } else {
+                    ""
+                };
+                let _ = writeln!(
+                    s,
+                    r#"<polyline fill="none" stroke="{color}" stroke-width="{width}"{dash} points="{}"/>"#,
+                    pts.join(" ")
+                );
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{}" y="{}" width="10" height="3" fill="{color}"/><text x="{}" y="{}">{}</text>"#,
+                    r + 10.0,
+                    top + ni as f64 * 16.0,
+                    r + 24.0,
+                    top + ni as f64 * 16.0 + 5.0,
+                    escape(name)
+                );
+            }
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(table: Table, threads: usize, name: &'static str, hits: f64) -> Row {
+        Row {
+            table,
+            probes: 1000,
+            threads,
+            name,
+            samples: vec![
+                Sample {
+                    hits_per_s: hits * 0.9,
+                    ..Default::default()
+                },
+                Sample {
+                    hits_per_s: hits,
+                    ..Default::default()
+                },
+                Sample {
+                    hits_per_s: hits * 1.5,
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    fn results() -> Results {
+        Results {
+            cores: 2,
+            rows: vec![
+                row(Table::Lookup, 1, PROBE_CORE, 10e6),
+                row(Table::Lookup, 1, "ceiling (x)", 11e6),
+                row(Table::Lookup, 1, "RwLock<BTreeMap>", 8e6),
+                row(Table::Lookup, 2, PROBE_CORE, 19e6),
+                row(Table::Lookup, 2, "ceiling (x)", 22e6),
+                row(Table::Lookup, 2, "RwLock<BTreeMap>", 4e6),
+            ],
+        }
+    }
+
+    #[test]
+    fn medians_ratios_and_efficiency() {
+        let r = results();
+        let pc2 = &r.rows[3];
+        assert_eq!(pc2.hits(), 19e6);
+        assert!((r.to_ceiling(pc2).unwrap() - 19.0 / 22.0).abs() < 1e-9);
+        assert!((r.efficiency(pc2).unwrap() - 0.95).abs() < 1e-9);
+        assert_eq!(r.efficiency(&r.rows[0]), None);
+        assert_eq!(efficiency(30.0, 10.0, 4, 2), 1.5);
+        assert_eq!(median(vec![3.0, 1.0, 2.0, 10.0]), 2.5);
+    }
+
+    #[test]
+    fn goals_say_met_and_not_met() {
+        let g = results().goals();
+        // 10/11 = 0.91 and 19/22 = 0.86: met; efficiency 0.95: met; 19/4 over RwLock.
+        assert!(
+            g.contains("probe-core / ceiling >= 0.85: met (0.91 at 1, 0.86 at 2)"),
+            "{g}"
+        );
+        assert!(
+            g.contains("scaling efficiency >= 0.9: met (0.95 at 2)"),
+            "{g}"
+        );
+        assert!(g.contains("4.75× RwLock<BTreeMap>"), "{g}");
+        let mut bad = results();
+        bad.rows[3] = row(Table::Lookup, 2, PROBE_CORE, 12e6);
+        assert!(bad.goals().contains("NOT met"));
+    }
+
+    #[test]
+    fn csv_has_a_line_per_row_and_svg_is_well_formed() {
+        let r = results();
+        let csv = r.csv();
+        assert_eq!(csv.lines().count(), 1 + r.rows.len());
+        assert!(
+            csv.lines()
+                .nth(4)
+                .unwrap()
+                .starts_with("lookup,1000,2,2,probe-core,19000000,")
+        );
+        let svg = r.svg();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert!(svg.contains("RwLock&lt;BTreeMap&gt;"));
+    }
+}
