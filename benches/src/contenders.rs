@@ -171,7 +171,7 @@ impl Contender for Seed000Lookup {
     }
     fn local(&self) {}
     #[inline]
-    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+    fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
         if let Some(cs) = self.find(&t.key) {
             call_all(&cs, regs);
         }
@@ -205,7 +205,7 @@ impl Contender for RwLockLookup {
     }
     fn local(&self) {}
     #[inline]
-    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+    fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
         if let Some(cs) = self.tree.read().unwrap().get(&t.key) {
             call_all(cs, regs);
         }
@@ -258,7 +258,7 @@ impl Contender for ArcSwapLookup {
     }
     fn local(&self) {}
     #[inline]
-    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+    fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
         self.hit_key(&t.key, regs);
     }
     fn register(&self, t: &Target, c: &Arc<Consumer>) {
@@ -335,6 +335,9 @@ unsafe impl lock_api::RawMutex for KSpin {
 pub struct ArenaOps;
 
 impl kprobe::KprobeAuxiliaryOps for ArenaOps {
+    // The trait (the `kprobe` crate's) makes these safe functions taking raw pointers; only
+    // `kprobe` calls them, with pointers into memory we handed it.
+    #[allow(clippy::not_unsafe_ptr_arg_deref)]
     fn copy_memory(src: *const u8, dst: *mut u8, len: usize, _: Option<i32>) {
         // SAFETY: `kprobe` copies the instruction bytes at a probe address (inside the arena,
         // which has 15 bytes of slack at its end) into a page it got from us.
@@ -465,7 +468,7 @@ impl Contender for KprobeLookup {
         unsafe { std::mem::zeroed() }
     }
     #[inline]
-    fn hit<'a>(&'a self, pt: &mut kprobe::PtRegs, t: &Target, regs: &mut Regs) {
+    fn hit(&self, pt: &mut kprobe::PtRegs, t: &Target, regs: &mut Regs) {
         // The trap leaves the instruction pointer after the one-byte int3.
         pt.rip = self.base + t.arena + 1;
         pt.r15 = regs.hits as usize;
@@ -607,7 +610,7 @@ impl Contender for Seed000Resolve {
     }
     fn local(&self) {}
     #[inline]
-    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+    fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
         let cs = {
             let mm = self.mm.read().unwrap();
             find(&mm, t.addr).and_then(|m| self.tree.find(&key_of(m, t.addr)))
@@ -653,7 +656,7 @@ impl Contender for RwLockResolve {
     }
     fn local(&self) {}
     #[inline]
-    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+    fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
         let key = {
             let mm = self.mm.read().unwrap();
             find(&mm, t.addr).map(|m| key_of(m, t.addr))
@@ -725,7 +728,7 @@ impl Contender for SeqLockResolve {
     }
     fn local(&self) {}
     #[inline]
-    fn hit<'a>(&'a self, _: &mut (), t: &Target, regs: &mut Regs) {
+    fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
         let table = self.mm.read();
         if let Some(m) = find(&table.m[..table.len], t.addr) {
             self.probes.hit_key(&key_of(m, t.addr), regs);
