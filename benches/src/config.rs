@@ -107,6 +107,14 @@ impl Config {
             let Some(flag) = arg.strip_prefix("--") else {
                 return Err(format!("unexpected argument `{arg}` (flags start with --)"));
             };
+            const FLAGS: [&str; 9] = [
+                "threads", "probes", "duration", "warmup", "repeats", "churn", "mm-churn", "only",
+                "out",
+            ];
+            let name = flag.split_once('=').map_or(flag, |(f, _)| f);
+            if !FLAGS.contains(&name) {
+                return Err(format!("unknown flag --{name} (see --help)"));
+            }
             let (flag, value) = match flag.split_once('=') {
                 Some((f, v)) => (f.to_string(), v.to_string()),
                 None => {
@@ -248,6 +256,7 @@ mod tests {
             ("--only both", "expected `lookup` or `resolve`"),
             ("--churn", "--churn needs a value"),
             ("--fast 1", "unknown flag --fast"),
+            ("--fast", "unknown flag --fast"),
             ("threads", "unexpected argument `threads`"),
         ] {
             let e = parse(args).unwrap_err();
