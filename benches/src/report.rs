@@ -167,7 +167,8 @@ impl Results {
             for name in self.names(t, probes) {
                 let _ = write!(s, "{name:<30}");
                 let mut effs = Vec::new();
-                let mut churn = String::new();
+                // The slowest writer over the thread counts: one that cannot keep up shows.
+                let (mut reg_min, mut mm_min) = (f64::INFINITY, f64::INFINITY);
                 for &n in &threads {
                     match self.find(t, probes, n, name) {
                         Some(r) => {
@@ -178,12 +179,8 @@ impl Results {
                             if let Some(e) = self.efficiency(r).filter(|_| n <= self.cores) {
                                 effs.push(format!("{e:.2}"));
                             }
-                            churn = match t {
-                                Table::Lookup => format!("{:.0}", r.churn()),
-                                Table::Resolve => {
-                                    format!("{:.0} reg, {:.0} mm", r.churn(), r.mm_churn())
-                                }
-                            };
+                            reg_min = reg_min.min(r.churn());
+                            mm_min = mm_min.min(r.mm_churn());
                         }
                         None => {
                             let _ = write!(s, "| {:>20} ", "-");
@@ -199,6 +196,10 @@ impl Results {
                         effs.join(" ")
                     }
                 );
+                let churn = match t {
+                    Table::Lookup => format!("{reg_min:.0}"),
+                    Table::Resolve => format!("{reg_min:.0} reg, {mm_min:.0} mm"),
+                };
                 let _ = writeln!(s, "| {churn}");
             }
         }
@@ -206,8 +207,9 @@ impl Results {
             s,
             "\n* oversubscribed: more hitting threads than cores ({}).\n\
              efficiency: hits/s at N / (N x hits/s at 1), for each N from 2 to the core count.\n\
-             churn/s achieved: (un)registrations and maps+unmaps the writer managed in the window\n\
-             at the last thread count (a writer that cannot keep up shows it here).",
+             churn/s achieved: (un)registrations and maps+unmaps per second the writers managed in\n\
+             the measured windows, the lowest over the thread counts (a writer that cannot keep up\n\
+             shows here).",
             self.cores
         );
         s
@@ -308,7 +310,7 @@ impl Results {
     /// An SVG chart: one panel per (table, probe count), hits/s against threads, one line per
     /// implementation.
     pub fn svg(&self) -> String {
-        const W: f64 = 460.0;
+        const W: f64 = 620.0;
         const H: f64 = 300.0;
         const COLORS: [&str; 8] = [
             "#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#7f7f7f", "#17becf",
@@ -326,7 +328,7 @@ impl Results {
         let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
         for (gi, &(t, probes)) in groups.iter().enumerate() {
             let (ox, oy) = ((gi % cols) as f64 * W, (gi / cols) as f64 * H);
-            let (l, r, top, bottom) = (ox + 55.0, ox + W - 150.0, oy + 30.0, oy + H - 40.0);
+            let (l, r, top, bottom) = (ox + 55.0, ox + W - 215.0, oy + 30.0, oy + H - 40.0);
             let threads = self.threads(t, probes);
             let max = self
                 .rows
