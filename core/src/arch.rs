@@ -65,6 +65,10 @@ pub trait TextPatcher: Send + Sync {
     fn flush_icache(&self, mm: MmId, addr: u64, len: usize) -> Result<()>;
     /// `[start, end)` of `mm` was unmapped. Memory follows mappings in a real address space, so
     /// the default does nothing; a model patcher drops what it kept for the range.
+    ///
+    /// Called with the address space's write lock held, so hits that cannot speculate wait for
+    /// it: its cost must follow the range, not the number of breakpoints anywhere (the contention
+    /// report caught an O(all breakpoints) version holding the lock ~1 ms per unmap).
     fn unmapped(&self, _mm: MmId, _start: u64, _end: u64) {}
     /// `len` bytes of `mm` moved from `from` to `to` (mremap). Default: nothing.
     fn moved(&self, _mm: MmId, _from: u64, _to: u64, _len: u64) {}
