@@ -586,10 +586,35 @@ fn insert_sorted(ms: &mut Vec<Mapping>, m: &Mapping) {
     ms.insert(i, *m);
 }
 
-/// The 2012 kernel: the address space under a reader-writer lock (`mmap_sem`), then seed 000's
-/// locked tree with a reference taken on the probe.
+/// An address space under a reader-writer lock: `mmap_sem` in 2012, the `mmap_lock` read side.
+struct RwLockMm(RwLock<Vec<Mapping>>);
+
+impl RwLockMm {
+    fn new(w: &Workload) -> Self {
+        Self(RwLock::new(w.mappings.clone()))
+    }
+
+    /// `f` of the key `addr` maps to, under the read lock.
+    #[inline]
+    fn with_key<T>(&self, addr: u64, f: impl FnOnce(ProbeKey) -> Option<T>) -> Option<T> {
+        let mm = self.0.read().unwrap();
+        find(&mm, addr).and_then(|m| f(key_of(m, addr)))
+    }
+
+    fn map(&self, m: &Mapping) {
+        insert_sorted(&mut self.0.write().unwrap(), m);
+    }
+
+    fn unmap(&self, m: &Mapping) {
+        self.0.write().unwrap().retain(|x| x.start != m.start);
+    }
+}
+
+/// The 2012 kernel: under the address space's read lock (`mmap_sem`), find the mapping and
+/// look the probe up in seed 000's locked tree, taking a reference; then, with no lock, run the
+/// consumers and drop the reference.
 pub struct Seed000Resolve {
-    mm: RwLock<Vec<Mapping>>,
+    mm: RwLockMm,
     tree: Seed000Lookup,
 }
 
@@ -597,7 +622,7 @@ impl Seed000Resolve {
     /// Every object mapped, every hit probe inserted.
     pub fn new(w: &Workload, p: &Probes) -> Self {
         Self {
-            mm: RwLock::new(w.mappings.clone()),
+            mm: RwLockMm::new(w),
             tree: Seed000Lookup::new(p),
         }
     }
@@ -611,11 +636,7 @@ impl Contender for Seed000Resolve {
     fn local(&self) {}
     #[inline]
     fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
-        let cs = {
-            let mm = self.mm.read().unwrap();
-            find(&mm, t.addr).and_then(|m| self.tree.find(&key_of(m, t.addr)))
-        };
-        if let Some(cs) = cs {
+        if let Some(cs) = self.mm.with_key(t.addr, |k| self.tree.find(&k)) {
             call_all(&cs, regs);
         }
     }
@@ -626,16 +647,17 @@ impl Contender for Seed000Resolve {
         self.tree.unregister(t, c);
     }
     fn map(&self, m: &Mapping) {
-        insert_sorted(&mut self.mm.write().unwrap(), m);
+        self.mm.map(m);
     }
     fn unmap(&self, m: &Mapping) {
-        self.mm.write().unwrap().retain(|x| x.start != m.start);
+        self.mm.unmap(m);
     }
 }
 
-/// The address space under an `RwLock` (the `mmap_lock` read side), then the `ArcSwap` map.
+/// The address space under an `RwLock` (the `mmap_lock` read side), then, after unlocking, the
+/// `ArcSwap` map.
 pub struct RwLockResolve {
-    mm: RwLock<Vec<Mapping>>,
+    mm: RwLockMm,
     probes: ArcSwapLookup,
 }
 
@@ -643,7 +665,7 @@ impl RwLockResolve {
     /// Every object mapped, every hit probe inserted.
     pub fn new(w: &Workload, p: &Probes) -> Self {
         Self {
-            mm: RwLock::new(w.mappings.clone()),
+            mm: RwLockMm::new(w),
             probes: ArcSwapLookup::new(p),
         }
     }
@@ -657,11 +679,7 @@ impl Contender for RwLockResolve {
     fn local(&self) {}
     #[inline]
     fn hit(&self, _: &mut (), t: &Target, regs: &mut Regs) {
-        let key = {
-            let mm = self.mm.read().unwrap();
-            find(&mm, t.addr).map(|m| key_of(m, t.addr))
-        };
-        if let Some(key) = key {
+        if let Some(key) = self.mm.with_key(t.addr, Some) {
             self.probes.hit_key(&key, regs);
         }
     }
@@ -672,10 +690,10 @@ impl Contender for RwLockResolve {
         self.probes.unregister(t, c);
     }
     fn map(&self, m: &Mapping) {
-        insert_sorted(&mut self.mm.write().unwrap(), m);
+        self.mm.map(m);
     }
     fn unmap(&self, m: &Mapping) {
-        self.mm.write().unwrap().retain(|x| x.start != m.start);
+        self.mm.unmap(m);
     }
 }
 
