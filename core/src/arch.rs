@@ -76,3 +76,164 @@ pub trait TextPatcher: Send + Sync {
     /// breakpoints included). Default: nothing.
     fn forked(&self, _parent: MmId, _child: MmId) {}
 }
+
+/// The most bytes a jump-optimized probe may cover (x86: a 5-byte `jmp rel32` rounded up to
+/// whole instructions is at most 5 + 14 bytes in theory; real optprobes cover ≤ 16).
+pub const MAX_DETOUR: usize = 16;
+
+/// What a jump at a probe's address replaces and where it leads: the arch's answer when the
+/// instructions there can be relocated into a trampoline.
+///
+/// The trampoline has two entries. `trampoline` is where the jump goes: it saves registers,
+/// calls into probe-core ([`crate::optimizer::Optimizer::on_trampoline`]) to run the consumers,
+/// restores them, runs the displaced instructions and jumps back to `addr + len`. `displaced` is
+/// the same code past the call: a breakpoint hit that already ran the consumers continues there
+/// (so consumers run once per hit, whichever way the CPU came in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Detour {
+    /// Bytes the jump replaces: whole instructions, at least the jump's own length.
+    pub len: u8,
+    /// The bytes written over `[addr, addr + len)` when optimized: the jump, then padding.
+    pub jump: [u8; MAX_DETOUR],
+    /// The trampoline's consumer-calling entry (the jump's target).
+    pub trampoline: u64,
+    /// The trampoline's displaced-instructions entry (where a breakpoint hit continues).
+    pub displaced: u64,
+}
+
+impl Detour {
+    /// The jump bytes, exactly `len` of them.
+    pub fn jump_bytes(&self) -> &[u8] {
+        &self.jump[..usize::from(self.len).min(MAX_DETOUR)]
+    }
+}
+
+/// Why a probe cannot be jump-optimized (it stays a working breakpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NotOptimizable {
+    /// The arch (or the embedder) has no jump optimization.
+    Unsupported,
+    /// The code ends before a whole jump fits (the end of a function or of the text).
+    TooShort,
+    /// An instruction inside the jump range is the target of a branch: a CPU jumping there would
+    /// land in the middle of the jump.
+    BranchTarget {
+        /// The target's address.
+        addr: u64,
+    },
+    /// An instruction inside the jump range cannot be relocated into a trampoline.
+    Unrelocatable {
+        /// The instruction's address.
+        addr: u64,
+    },
+    /// No trampoline could be placed within the jump's reach.
+    OutOfReach,
+    /// The trampoline could not be allocated.
+    NoMemory,
+}
+
+impl core::fmt::Display for NotOptimizable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Unsupported => f.write_str("jump optimization is not supported here"),
+            Self::TooShort => f.write_str("the code ends before a whole jump fits"),
+            Self::BranchTarget { addr } => {
+                write!(f, "{addr:#x}, inside the jump range, is a branch target")
+            }
+            Self::Unrelocatable { addr } => {
+                write!(f, "the instruction at {addr:#x} cannot be relocated")
+            }
+            Self::OutOfReach => f.write_str("no trampoline within the jump's reach"),
+            Self::NoMemory => f.write_str("no memory for a trampoline"),
+        }
+    }
+}
+
+/// One site of a live-patch batch: at `addr`, replace `old` by `new` (same length, at most
+/// [`MAX_DETOUR`] bytes). Owned and fixed-size, so the optimizer builds whole batches in memory it
+/// reserved when the probes were registered: a run never allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Patch {
+    /// Where.
+    pub addr: u64,
+    len: u8,
+    old: [u8; MAX_DETOUR],
+    new: [u8; MAX_DETOUR],
+}
+
+impl Patch {
+    /// A patch of `old` to `new` at `addr`, or `None` if their lengths differ or exceed
+    /// [`MAX_DETOUR`].
+    pub fn new(addr: u64, old: &[u8], new: &[u8]) -> Option<Self> {
+        if old.len() != new.len() || old.len() > MAX_DETOUR {
+            return None;
+        }
+        let mut p = Self {
+            addr,
+            len: old.len() as u8,
+            old: [0; MAX_DETOUR],
+            new: [0; MAX_DETOUR],
+        };
+        p.old[..old.len()].copy_from_slice(old);
+        p.new[..new.len()].copy_from_slice(new);
+        Some(p)
+    }
+    /// What the code holds now.
+    pub fn old(&self) -> &[u8] {
+        &self.old[..usize::from(self.len)]
+    }
+    /// What it must hold when the batch returns.
+    pub fn new_bytes(&self) -> &[u8] {
+        &self.new[..usize::from(self.len)]
+    }
+}
+
+/// The embedder's code space as the [optimizer](crate::optimizer) sees it: one text (the kernel
+/// image, a guest's text, a process's code) with its arch analysis, its live-patch protocol and
+/// its quiescence wait.
+///
+/// probe-core calls every method except [`CodeSpace::read`] with the optimizer's lock held.
+pub trait CodeSpace: Send + Sync {
+    /// The instruction set (breakpoint bytes, trap recognition).
+    type Arch: Arch;
+
+    /// The code's original bytes at `addr` (before any probe wrote there). Fails with
+    /// [`crate::Error::OffsetOutOfRange`] outside the text.
+    fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Checks that `addr` is the first byte of an instruction (the arch decodes the function
+    /// around it). Fails with [`crate::Error::InsideInstruction`] if not, or
+    /// [`crate::Error::OffsetOutOfRange`] outside the text.
+    fn check_boundary(&self, addr: u64) -> Result<()>;
+
+    /// The code's current bytes at `addr`, as instruction fetch would see them. Called on the hit
+    /// path (a trap no probe owns), so it must not block or allocate.
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// The arch's jump analysis at `addr` (whole instructions covered, relocatability, branch
+    /// targets, reach) and, if it passes, a trampoline. Called once per probe, at registration.
+    fn prepare_detour(&self, addr: u64) -> core::result::Result<Detour, NotOptimizable>;
+
+    /// Frees a trampoline. probe-core calls it only after a quiescence wait that followed the
+    /// removal of every way into it.
+    fn free_detour(&self, detour: &Detour);
+
+    /// Rewrites every site of `batch` with the arch's live-patch protocol while other CPUs may be
+    /// executing there, and returns once every CPU will fetch the new bytes. On x86 that is the
+    /// int3-first protocol (`probe_arch_x86_64::live_patch`): three cross-CPU synchronizations
+    /// per batch, whatever its size. A CPU must never execute a half-written instruction.
+    fn patch(&self, batch: &[Patch]);
+
+    /// Waits until no CPU can still be executing inside code that was just replaced or inside a
+    /// trampoline that was just cut off — including a CPU stopped between two of the displaced
+    /// instructions, or redirected into a trampoline by a trap answer it has not acted on yet.
+    /// A kernel: `synchronize_rcu_tasks()`; a hypervisor: every vCPU through an exit; a process:
+    /// `membarrier` plus a grace period of its threads.
+    fn quiesce(&self);
+
+    /// Asks the embedder to call [`crate::optimizer::Optimizer::run_optimizer`] after its delay
+    /// (the kernel's `OPTIMIZE_DELAY`). Called at most once until that run starts. The default
+    /// does nothing: the embedder runs the optimizer itself, or waits for it.
+    fn kick(&self) {}
+}

@@ -30,6 +30,8 @@ pub enum Error {
     OffsetOutOfRange,
     /// The instruction at that offset already is a trap instruction: it cannot be probed.
     ExistingTrap,
+    /// The address is inside an instruction, not at its first byte.
+    InsideInstruction,
 }
 
 impl fmt::Display for Error {
@@ -45,6 +47,7 @@ impl fmt::Display for Error {
             Error::NotMapped => "the range is not (exactly) mapped",
             Error::OffsetOutOfRange => "the offset is past the end of the object",
             Error::ExistingTrap => "the instruction there already is a trap; it cannot be probed",
+            Error::InsideInstruction => "the address is inside an instruction, not at its start",
         })
     }
 }

@@ -55,6 +55,7 @@ pub mod arch;
 pub mod error;
 pub mod lock;
 pub mod mm;
+pub mod optimizer;
 pub mod probe;
 pub mod rcu;
 pub mod registry;

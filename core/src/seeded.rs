@@ -64,6 +64,24 @@ pub enum Bug {
     XolReuseWithoutCompare,
     /// XOL: the lazily created area is published with a relaxed compare-exchange.
     XolPublishRelaxed,
+    /// Optimizer: the optimized flag is cleared when a probe is queued for unoptimization, while
+    /// its jump is still in the code (the bug Linux fixed in 2019, "kprobes: Set unoptimized flag
+    /// after unoptimizing code").
+    OptimizedFlagClearedEarly,
+    /// Optimizer: step 1 returns early when the unoptimizing list is empty, so probes a collision
+    /// force-unoptimized onto the freeing list are never freed (Linux 2023, "kprobes: Fix to
+    /// handle forcibly unoptimized kprobes on freeing_list").
+    FreeingListSkipped,
+    /// Optimizer: a probe blocked by a neighbour's breakpoint is not retried when that neighbour is
+    /// disarmed through the queue (Linux 2026, "kprobes: retry blocked optprobe in
+    /// do_free_cleaned_kprobes").
+    BlockedNotRetried,
+    /// Optimizer: unused probes and their trampolines are freed before the quiescence wait.
+    FreeBeforeQuiescence,
+    /// Optimizer: the optimizing list is patched before the unoptimizing one and before the wait.
+    OptimizeBeforeUnoptimize,
+    /// x86 live patch: the first byte is written before the tail (no int3 first).
+    PatchFirstByteFirst,
 }
 
 std::thread_local! {

@@ -1,12 +1,13 @@
 //! A code patcher over byte buffers and a one-byte-breakpoint instruction set: the reference
-//! embedding for tests, the loom suite and the examples. `no_std` like the rest of the crate.
+//! embedding for tests, the loom suite and the examples; and [`ByteCode`], the same for the
+//! [optimizer](crate::optimizer). `no_std` like the rest of the crate.
 //!
 //! [`ByteText`] holds each object's bytes (what "the file" contains) and, per address space, the
 //! bytes written over them (breakpoints, restored originals). Reading an address reads the
 //! overlay if written, else the object's byte at the mapped offset. Unmap drops the overlay of the
 //! range, mremap moves it, fork copies it — exactly what memory does in a real address space.
 
-use crate::arch::{Arch, TextPatcher};
+use crate::arch::{Arch, CodeSpace, Detour, NotOptimizable, Patch, TextPatcher};
 use crate::error::{Error, Result};
 use crate::lock::{Lock, RawLock, SpinLock};
 use crate::mm::{MmId, VmaInfo};
@@ -188,5 +189,231 @@ impl<L: RawLock + Default> TextPatcher for ByteText<L> {
         for (a, b) in copied {
             o.insert((child, a), b);
         }
+    }
+}
+
+/// The counters of a [`ByteCode`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeCounts {
+    /// Calls to [`CodeSpace::patch`].
+    pub batches: u64,
+    /// Sites patched over all batches.
+    pub sites: u64,
+    /// Calls to [`CodeSpace::quiesce`].
+    pub quiesces: u64,
+    /// Calls to [`CodeSpace::kick`].
+    pub kicks: u64,
+    /// Trampolines prepared and not yet freed.
+    pub live_trampolines: u64,
+    /// Patches whose `old` bytes were not what the code held (a protocol error: must stay 0).
+    pub mismatches: u64,
+    /// Trampolines freed twice or never prepared (must stay 0).
+    pub bad_frees: u64,
+}
+
+/// A [`CodeSpace`] over one byte buffer, for the optimizer's tests, examples and benches.
+///
+/// The text starts at address 0. Instructions are one byte each unless
+/// [`ByteCode::with_lengths`] says otherwise; a jump covers whole instructions adding up to at
+/// least `jump_len` bytes (`0`: no jump optimization). The jump is `0xE9` followed by the
+/// trampoline's number, padded with `0xCC`. Patches are applied as written (this is the memory,
+/// not a live-patch protocol: `probe_arch_x86_64::live_patch` is one), and checked against what
+/// the code holds.
+#[derive(Debug)]
+pub struct ByteCode<L: RawLock + Default = SpinLock> {
+    original: Vec<u8>,
+    /// Instruction length at each instruction start (0 inside an instruction).
+    lengths: Vec<u8>,
+    jump_len: usize,
+    code: Lock<L, Vec<u8>>,
+    branch_targets: Lock<L, BTreeMap<u64, ()>>,
+    unrelocatable: Lock<L, BTreeMap<u64, ()>>,
+    /// Trampoline number → live.
+    trampolines: Lock<L, BTreeMap<u64, bool>>,
+    counts: Lock<L, CodeCounts>,
+}
+
+/// Where [`ByteCode`]'s trampolines live (number `n` at `TRAMPOLINES + 64 n`).
+pub const TRAMPOLINES: u64 = 0x1000_0000;
+
+impl<L: RawLock + Default> ByteCode<L> {
+    /// A text of one-byte instructions `original`, with jumps of `jump_len` bytes.
+    pub fn new(original: Vec<u8>, jump_len: usize) -> Self {
+        let lengths = alloc::vec![1; original.len()];
+        Self {
+            code: Lock::new(L::default(), original.clone()),
+            original,
+            lengths,
+            jump_len: jump_len.min(crate::arch::MAX_DETOUR),
+            branch_targets: Lock::default(),
+            unrelocatable: Lock::default(),
+            trampolines: Lock::default(),
+            counts: Lock::default(),
+        }
+    }
+
+    /// Sets the instruction lengths, in order from address 0 (the rest stay one byte).
+    pub fn with_lengths(mut self, lengths: &[u8]) -> Self {
+        let mut at = 0usize;
+        for &n in lengths {
+            let n = usize::from(n.max(1));
+            if at + n > self.lengths.len() {
+                break;
+            }
+            self.lengths[at] = n as u8;
+            for l in &mut self.lengths[at + 1..at + n] {
+                *l = 0;
+            }
+            at += n;
+        }
+        self
+    }
+
+    /// Marks `addr` as a branch target (a jump may not cover it past its first byte).
+    pub fn add_branch_target(&self, addr: u64) {
+        self.branch_targets.lock().insert(addr, ());
+    }
+
+    /// Marks the instruction at `addr` as impossible to relocate.
+    pub fn add_unrelocatable(&self, addr: u64) {
+        self.unrelocatable.lock().insert(addr, ());
+    }
+
+    /// The current code at `[addr, addr + n)` (bytes past the end read as 0).
+    pub fn current(&self, addr: u64, n: usize) -> Vec<u8> {
+        let c = self.code.lock();
+        (0..n)
+            .map(|i| {
+                usize::try_from(addr)
+                    .ok()
+                    .and_then(|a| c.get(a + i).copied())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// The original code at `[addr, addr + n)`.
+    pub fn original(&self, addr: u64, n: usize) -> &[u8] {
+        let a = usize::try_from(addr)
+            .unwrap_or(usize::MAX)
+            .min(self.original.len());
+        &self.original[a..(a + n).min(self.original.len())]
+    }
+
+    /// The counters.
+    pub fn counts(&self) -> CodeCounts {
+        *self.counts.lock()
+    }
+
+    fn range(&self, addr: u64, n: usize) -> Result<core::ops::Range<usize>> {
+        let a = usize::try_from(addr).map_err(|_| Error::OffsetOutOfRange)?;
+        let end = a.checked_add(n).ok_or(Error::OffsetOutOfRange)?;
+        if end > self.original.len() {
+            return Err(Error::OffsetOutOfRange);
+        }
+        Ok(a..end)
+    }
+}
+
+impl<L: RawLock + Default + Send + Sync> CodeSpace for ByteCode<L> {
+    type Arch = Int3;
+
+    fn read_original(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let r = self.range(addr, buf.len())?;
+        buf.copy_from_slice(&self.original[r]);
+        Ok(())
+    }
+
+    fn check_boundary(&self, addr: u64) -> Result<()> {
+        let r = self.range(addr, 1)?;
+        if self.lengths[r.start] == 0 {
+            return Err(Error::InsideInstruction);
+        }
+        Ok(())
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        let r = self.range(addr, buf.len())?;
+        buf.copy_from_slice(&self.code.lock()[r]);
+        Ok(())
+    }
+
+    fn prepare_detour(&self, addr: u64) -> core::result::Result<Detour, NotOptimizable> {
+        if self.jump_len == 0 {
+            return Err(NotOptimizable::Unsupported);
+        }
+        let start = usize::try_from(addr).map_err(|_| NotOptimizable::TooShort)?;
+        if self.lengths.get(start).copied().unwrap_or(0) == 0 {
+            // Not an instruction start (the optimizer checks boundaries before asking).
+            return Err(NotOptimizable::Unrelocatable { addr });
+        }
+        let mut len = 0usize;
+        while len < self.jump_len {
+            let at = start + len;
+            let n = usize::from(*self.lengths.get(at).ok_or(NotOptimizable::TooShort)?);
+            if self.unrelocatable.lock().contains_key(&(at as u64)) {
+                return Err(NotOptimizable::Unrelocatable { addr: at as u64 });
+            }
+            if len > 0 && self.branch_targets.lock().contains_key(&(at as u64)) {
+                return Err(NotOptimizable::BranchTarget { addr: at as u64 });
+            }
+            len += n.max(1);
+        }
+        if start + len > self.original.len() || len > crate::arch::MAX_DETOUR {
+            return Err(NotOptimizable::TooShort);
+        }
+        let mut t = self.trampolines.lock();
+        let id = t.len() as u64;
+        t.insert(id, true);
+        self.counts.lock().live_trampolines += 1;
+        let mut jump = [0xCC; crate::arch::MAX_DETOUR];
+        jump[0] = 0xE9;
+        for (i, b) in id.to_le_bytes().iter().take(len - 1).enumerate() {
+            jump[1 + i] = *b;
+        }
+        Ok(Detour {
+            len: len as u8,
+            jump,
+            trampoline: TRAMPOLINES + 64 * id,
+            displaced: TRAMPOLINES + 64 * id + 32,
+        })
+    }
+
+    fn free_detour(&self, detour: &Detour) {
+        let id = (detour.trampoline - TRAMPOLINES) / 64;
+        let mut t = self.trampolines.lock();
+        let mut c = self.counts.lock();
+        match t.get_mut(&id) {
+            Some(live) if *live => {
+                *live = false;
+                c.live_trampolines -= 1;
+            }
+            _ => c.bad_frees += 1,
+        }
+    }
+
+    fn patch(&self, batch: &[Patch]) {
+        let mut code = self.code.lock();
+        let mut c = self.counts.lock();
+        c.batches += 1;
+        for p in batch {
+            c.sites += 1;
+            let Ok(r) = self.range(p.addr, p.old().len()) else {
+                c.mismatches += 1;
+                continue;
+            };
+            if code[r.clone()] != *p.old() {
+                c.mismatches += 1;
+            }
+            code[r].copy_from_slice(p.new_bytes());
+        }
+    }
+
+    fn quiesce(&self) {
+        self.counts.lock().quiesces += 1;
+    }
+
+    fn kick(&self) {
+        self.counts.lock().kicks += 1;
     }
 }
