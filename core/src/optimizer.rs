@@ -65,7 +65,7 @@
 //! use probe_core::testing::ByteCode;
 //!
 //! // 64 one-byte instructions; jumps cover 5 bytes.
-//! let code = ByteCode::new(vec![0x90; 64], 5);
+//! let code: ByteCode = ByteCode::new(vec![0x90; 64], 5);
 //! let opt: Optimizer<_, _> = Optimizer::new(code, EpochRcu::new());
 //! assert_eq!(opt.register(16).unwrap(), Armed::Optimizing);
 //! assert_eq!(opt.space().current(16, 1), [0xCC]); // a breakpoint at once
