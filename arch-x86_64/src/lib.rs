@@ -1,17 +1,77 @@
 //! # probe-arch-x86_64
 //!
 //! The x86_64 half of probe-core's arch boundary. probe-core's protocols are arch-free; this crate
-//! will supply what differs between instruction sets:
+//! supplies what differs between instruction sets:
 //!
-//! * the breakpoint (`INT3`, `0xCC`) and the optimized jump (`JMP rel32`, `E9` + 4 bytes);
-//! * instruction length and analysis with a real decoder — whether an instruction can run out of
-//!   line, needs RIP-relative relocation, must be emulated, or must be refused;
-//! * the int3-first live-patch protocol for multi-byte code, batched, with the cross-core
-//!   serialization supplied by the embedder;
-//! * cache maintenance, which on x86 is the cross-modifying-code serialization only (the
-//!   instruction cache is coherent with stores).
+//! * [`X86_64`] — the breakpoint (`INT3`, `0xCC`) and trap recognition, and [`jmp_rel32`], the
+//!   optimized jump (`E9` + 4 bytes) with its range check;
+//! * [`live_patch`] — the int3-first protocol for changing multi-byte code that other CPUs are
+//!   executing, batched, with the cross-core serialization supplied by the embedder;
+//! * cache maintenance, which on x86 is that serialization only: the instruction cache is
+//!   coherent with stores (see [`live_patch`]).
 //!
-//! This is a documented skeleton: the foundation issue lays out the workspace, and the arch issue
-//! fills it. It deliberately exports nothing yet, so nothing can depend on a half-built interface.
+//! Still to come (the arch issue): instruction length and analysis with a real decoder — whether
+//! an instruction can run out of line, needs RIP-relative relocation, must be emulated, or must
+//! be refused — and the jump-range analysis built on it.
 
 #![no_std]
+
+pub mod live_patch;
+
+use probe_core::arch::Arch;
+
+/// The x86_64 instruction set, as far as breakpoints go.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct X86_64;
+
+/// `INT3`.
+pub const INT3: u8 = 0xCC;
+/// `JMP rel32`'s opcode.
+pub const JMP_REL32: u8 = 0xE9;
+/// `JMP rel32`'s length.
+pub const JMP_LEN: usize = 5;
+
+impl Arch for X86_64 {
+    const BREAKPOINT: &'static [u8] = &[INT3];
+    /// `INT3` (`CC`) or its two-byte form `INT 3` (`CD 03`).
+    fn is_trap(bytes: &[u8]) -> bool {
+        matches!(bytes, [INT3, ..] | [0xCD, 0x03, ..])
+    }
+}
+
+/// `JMP rel32` at `from` to `to`, or `None` if `to` is out of the jump's ±2 GiB reach (measured
+/// from the end of the jump).
+///
+/// ```
+/// use probe_arch_x86_64::jmp_rel32;
+/// assert_eq!(jmp_rel32(0x1000, 0x1005), Some([0xE9, 0, 0, 0, 0]));
+/// assert_eq!(jmp_rel32(0x1000, 0x1000), Some([0xE9, 0xFB, 0xFF, 0xFF, 0xFF]));
+/// assert_eq!(jmp_rel32(0, 1 << 32), None);
+/// ```
+pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; JMP_LEN]> {
+    let next = from.checked_add(JMP_LEN as u64)?;
+    let rel = i64::try_from(i128::from(to) - i128::from(next)).ok()?;
+    let rel = i32::try_from(rel).ok()?;
+    let r = rel.to_le_bytes();
+    Some([JMP_REL32, r[0], r[1], r[2], r[3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traps_and_jumps() {
+        assert!(X86_64::is_trap(&[0xCC]));
+        assert!(X86_64::is_trap(&[0xCD, 0x03]));
+        assert!(!X86_64::is_trap(&[0xCD, 0x80]));
+        assert!(!X86_64::is_trap(&[]));
+        assert!(!X86_64::is_trap(&[0x90]));
+        let lim = 0x7FFF_FFFFu64;
+        assert!(jmp_rel32(0, JMP_LEN as u64 + lim).is_some());
+        assert!(jmp_rel32(0, JMP_LEN as u64 + lim + 1).is_none());
+        assert!(jmp_rel32(1 << 40, (1 << 40) + 5 - (1 << 31)).is_some());
+        assert!(jmp_rel32(1 << 40, (1 << 40) + 5 - (1 << 31) - 1).is_none());
+        assert!(jmp_rel32(u64::MAX - 2, 0).is_none());
+    }
+}

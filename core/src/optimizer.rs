@@ -511,14 +511,20 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Optimizer<S, R, L> {
         self.locked().run();
     }
 
-    /// Runs the optimizer until both lists are empty.
+    /// Runs the optimizer until both lists (and the freeing list) are empty — or until a run
+    /// makes no progress (a probe whose table removal keeps failing for lack of memory stays on
+    /// the freeing list for a later run; waiting would never end).
     pub fn wait_for_optimizer(&self) {
         loop {
             let mut l = self.locked();
-            if l.idle() {
+            let before = l.pending();
+            if before == 0 {
                 return;
             }
             l.run();
+            if l.pending() >= before {
+                return;
+            }
         }
     }
 
@@ -616,7 +622,12 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
     }
 
     fn idle(&mut self) -> bool {
-        self.with_inner(|i| i.queues.iter().all(|q| q.is_empty()))
+        self.pending() == 0
+    }
+
+    /// Probes on any list.
+    fn pending(&mut self) -> usize {
+        self.with_inner(|i| i.queues.iter().map(Vec::len).sum())
     }
 
     fn kick(&mut self) {
