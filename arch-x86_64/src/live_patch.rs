@@ -151,11 +151,11 @@ mod tests {
     fn optimize_unoptimize_arm_disarm_sync_counts() {
         let bp = [INT3, 0x89, 0xE5, 0x53, 0x41];
         let cases: [(&[u8], &[u8], u32); 5] = [
-            (&ORIG, &bp, 1),   // arm
-            (&bp, &ORIG, 1),   // disarm
-            (&bp, &JMP, 2),    // optimize
-            (&JMP, &bp, 2),    // unoptimize, stays armed
-            (&JMP, &ORIG, 3),  // unoptimize and disarm
+            (&ORIG, &bp, 1),  // arm
+            (&bp, &ORIG, 1),  // disarm
+            (&bp, &JMP, 2),   // optimize
+            (&JMP, &bp, 2),   // unoptimize, stays armed
+            (&JMP, &ORIG, 3), // unoptimize and disarm
         ];
         for (old, new, syncs) in cases {
             let m = mem(old);

@@ -108,7 +108,8 @@ impl CodeSpace for Counting {
 #[test]
 fn unregistering_10k_optimized_probes_costs_one_batch() {
     let n = 10_000u64;
-    let opt: Optimizer<Counting, EpochRcu> = Optimizer::new(Counting::new(n as usize), EpochRcu::new());
+    let opt: Optimizer<Counting, EpochRcu> =
+        Optimizer::new(Counting::new(n as usize), EpochRcu::new());
     let c0 = opt.space().counts();
     for i in 0..n {
         assert_eq!(opt.register(TEXT + 5 * i).unwrap(), Armed::Optimizing);
@@ -118,7 +119,10 @@ fn unregistering_10k_optimized_probes_costs_one_batch() {
     let c2 = opt.space().counts();
     let s2 = opt.stats();
     assert_eq!(opt.state(TEXT).unwrap().code, Code::Jump);
-    assert_eq!(opt.space().code.lock().unwrap()[..5], jmp_rel32(TEXT, TRAMPOLINES).unwrap());
+    assert_eq!(
+        opt.space().code.lock().unwrap()[..5],
+        jmp_rel32(TEXT, TRAMPOLINES).unwrap()
+    );
     for i in 0..n {
         opt.unregister(TEXT + 5 * i).unwrap();
     }
@@ -135,7 +139,10 @@ fn unregistering_10k_optimized_probes_costs_one_batch() {
     );
     println!(
         "  optimizer run (breakpoint → jump):   {:>6} syncs  {:>2} quiescence waits  {:>6} batches  (+{} RCU grace period)",
-        optz[0], optz[1], optz[2], s2.waits - optz[1]
+        optz[0],
+        optz[1],
+        optz[2],
+        s2.waits - optz[1]
     );
     println!(
         "  unregister calls (queued):           {:>6} syncs  {:>2} quiescence waits  {:>6} batches",

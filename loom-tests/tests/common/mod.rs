@@ -19,6 +19,12 @@ pub const CAUGHT: &[&str] = &[
     "deadlock",
     "stale cache",
     "not the displaced instruction",
+    "middle of a jump",
+    "half-written jump",
+    "never freed",
+    "never retried",
+    "executed twice or skipped",
+    "code differs",
 ];
 
 /// Runs `model` with `bug` switched on and asserts it fails with one of [`CAUGHT`].
