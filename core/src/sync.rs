@@ -363,10 +363,11 @@ impl FreeCheck {
     #[track_caller]
     pub fn check(&self) {
         #[cfg(loom)]
-        // SAFETY: a shared read of a bool; loom itself checks it against `mark_freed`'s write.
         self.freed.with(|p| {
+            // SAFETY: a shared read of a bool; loom itself checks it against `mark_freed`'s write.
+            let freed = unsafe { *p };
             assert!(
-                !unsafe { *p },
+                !freed,
                 "use after free: object freed while a reader could still see it"
             )
         });
