@@ -166,3 +166,32 @@ fn unregistering_10k_optimized_probes_costs_one_batch() {
     assert_eq!(*opt.space().code.lock().unwrap(), opt.space().original);
     assert!(opt.is_empty());
 }
+
+/// The alternative the batching exists to beat, counted in the same way: one optimizer run per
+/// unregistration (what an eager design does) costs a live patch and two waits per probe.
+#[test]
+fn one_run_per_probe_costs_per_probe() {
+    let n = 1_000u64;
+    let opt: Optimizer<Counting, EpochRcu> =
+        Optimizer::new(Counting::new(n as usize), EpochRcu::new());
+    for i in 0..n {
+        opt.register(TEXT + 5 * i).unwrap();
+    }
+    opt.wait_for_optimizer();
+    let (c0, s0) = (opt.space().counts(), opt.stats());
+    for i in 0..n {
+        opt.unregister(TEXT + 5 * i).unwrap();
+        opt.run_optimizer();
+    }
+    let (c1, s1) = (opt.space().counts(), opt.stats());
+    let (syncs, waits) = (c1[0] - c0[0], s1.waits - s0.waits);
+    println!(
+        "unregister {n} optimized probes, one run each: {syncs} syncs, {waits} waits \
+         ({}× and {}× the batched run's 3 and 2)",
+        syncs / 3,
+        waits / 2
+    );
+    assert_eq!(syncs, 3 * n);
+    assert_eq!(waits, 2 * n);
+    assert!(opt.is_empty());
+}

@@ -14,6 +14,9 @@
 //! * [`rcu`] — the read-side/grace-period abstraction every embedder plugs its own RCU into, with
 //!   a crossbeam-epoch default and a small slot-based implementation that loom checks.
 //! * [`seqcount`] — the sequence counter that speculative address resolution is built on.
+//! * [`optimizer`] — delayed (un)optimization batching: breakpoints become jumps to trampolines,
+//!   and back, a whole list per live patch and per quiescence wait (kprobes' optimizer, with
+//!   Linux's 2019, 2023 and 2026 fixes).
 //! * [`lock`] — the raw-lock trait, a spinlock, and the hashed per-object lock table.
 //! * [`sync`] — the one facade over atomics and fences (loom under `--cfg loom`).
 //! * [`error`] — one error type, a variant per bad input.
@@ -78,10 +81,11 @@ pub use error::{Error, Result};
 
 /// The names most embedders need.
 pub mod prelude {
-    pub use crate::arch::{Arch, TextPatcher};
+    pub use crate::arch::{Arch, CodeSpace, TextPatcher};
     pub use crate::error::{Error, Result};
     pub use crate::lock::{LockTable, RawLock, SpinLock};
     pub use crate::mm::{AddressSpace, AddressSpaceOps, MmId, PAGE_SIZE, VmFlags, VmaInfo};
+    pub use crate::optimizer::{Armed, Optimizer, Then, Trap};
     pub use crate::probe::{ObjectId, Probe, ProbeKey};
     #[cfg(not(loom))]
     pub use crate::rcu::EpochRcu;
