@@ -410,6 +410,26 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Optimizer<S, R, L> {
     // ---------------------------------------------------------------- the hit path
 
     /// A CPU trapped at `addr`. Lock-free and store-free.
+    ///
+    /// ```
+    /// use probe_core::optimizer::{Armed, Optimizer, Then, Trap};
+    /// use probe_core::rcu::{EpochRcu, Rcu};
+    /// use probe_core::testing::ByteCode;
+    ///
+    /// let code: ByteCode = ByteCode::new(vec![0x90; 64], 5); // 64 one-byte insns, 5-byte jumps
+    /// let opt: Optimizer<_, _> = Optimizer::new(code, EpochRcu::new());
+    /// assert_eq!(opt.register(16).unwrap(), Armed::Optimizing); // a breakpoint now, a jump later
+    /// opt.wait_for_optimizer(); // or the embedder's timer calls run_optimizer()
+    ///
+    /// let reader = opt.rcu().register().unwrap();
+    /// let guard = opt.rcu().read_lock(&reader);
+    /// let Trap::Probe { fire, then: Then::Detour(d) } = opt.on_breakpoint(&guard, 16) else {
+    ///     panic!("an optimized probe detours")
+    /// };
+    /// assert!(fire); // run the consumers, then continue at d.displaced
+    /// assert_eq!(d.len, 5);
+    /// assert_eq!(opt.on_breakpoint(&guard, 17), Trap::Restart); // no probe, no trap there
+    /// ```
     #[inline]
     pub fn on_breakpoint<'g>(&'g self, _guard: &'g R::Guard<'_>, addr: u64) -> Trap<'g> {
         if let Some(site) = self.find(addr) {
