@@ -15,8 +15,9 @@ pub enum Error {
     UnknownConsumer,
     /// That consumer is already registered on that probe.
     DuplicateConsumer,
-    /// The probe is being torn down (unused, waiting for its grace period) and cannot be
-    /// re-registered until that finishes: call the registry's `sync` and try again.
+    /// The probe is being torn down (unused, waiting to be freed) and cannot be re-registered
+    /// until that finishes: run `Optimizer::wait_for_optimizer` (or the registry's `sync`) and
+    /// try again.
     Busy,
     /// An allocation failed. Nothing was changed.
     NoMemory,
@@ -40,7 +41,9 @@ impl fmt::Display for Error {
             Error::UnknownProbe => "no probe is registered at that object and offset",
             Error::UnknownConsumer => "that consumer is not registered on the probe",
             Error::DuplicateConsumer => "that consumer is already registered on the probe",
-            Error::Busy => "the probe is being freed; wait for a grace period and retry",
+            Error::Busy => {
+                "the probe is being freed; wait for the optimizer (or a grace period) and retry"
+            }
             Error::NoMemory => "out of memory",
             Error::BadRange => "the range is empty, not page-aligned, or overflows",
             Error::Overlap => "the range overlaps an existing mapping",
