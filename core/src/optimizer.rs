@@ -641,6 +641,21 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         Some(unsafe { &*p })
     }
 
+    /// The probe at `addr` with its writer state, if it has users ([`Error::UnknownProbe`] if
+    /// there is none, or only an unused one waiting to be freed).
+    fn registered<'s>(&self, addr: u64) -> Result<(&'s Site, SiteW)> {
+        let p = self.site(addr).ok_or(Error::UnknownProbe)? as *const Site;
+        // SAFETY: hashed, live; freed only under this lock, by this thread, and never while a
+        // caller still uses the reference (frees happen in runs and retirements it calls last).
+        let s = unsafe { &*p };
+        // SAFETY: locked.
+        let w = unsafe { s.w() };
+        if w.users == 0 {
+            return Err(Error::UnknownProbe);
+        }
+        Ok((s, w))
+    }
+
     fn idle(&mut self) -> bool {
         self.pending() == 0
     }
@@ -1123,14 +1138,7 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
     }
 
     fn unregister(&mut self, addr: u64) -> Result<()> {
-        let s = self.site(addr).ok_or(Error::UnknownProbe)? as *const Site;
-        // SAFETY: hashed, live; freed only under this lock, by this thread.
-        let s = unsafe { &*s };
-        // SAFETY: locked.
-        let mut w = unsafe { s.w() };
-        if w.users == 0 {
-            return Err(Error::UnknownProbe);
-        }
+        let (s, mut w) = self.registered(addr)?;
         w.users -= 1;
         // SAFETY: locked.
         unsafe { s.set_w(w) };
@@ -1199,14 +1207,7 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
     }
 
     fn set_enabled(&mut self, addr: u64, on: bool) -> Result<()> {
-        let s = self.site(addr).ok_or(Error::UnknownProbe)? as *const Site;
-        // SAFETY: hashed, live; freed only under this lock, by this thread.
-        let s = unsafe { &*s };
-        // SAFETY: locked.
-        let mut w = unsafe { s.w() };
-        if w.users == 0 {
-            return Err(Error::UnknownProbe);
-        }
+        let (s, mut w) = self.registered(addr)?;
         if w.enabled == on {
             return Ok(());
         }
@@ -1225,14 +1226,7 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
     }
 
     fn set_single_step(&mut self, addr: u64, on: bool) -> Result<()> {
-        let s = self.site(addr).ok_or(Error::UnknownProbe)? as *const Site;
-        // SAFETY: hashed, live; freed only under this lock, by this thread.
-        let s = unsafe { &*s };
-        // SAFETY: locked.
-        let mut w = unsafe { s.w() };
-        if w.users == 0 {
-            return Err(Error::UnknownProbe);
-        }
+        let (s, mut w) = self.registered(addr)?;
         w.single_step = on;
         // SAFETY: locked.
         unsafe { s.set_w(w) };
