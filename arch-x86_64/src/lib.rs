@@ -16,7 +16,10 @@
 
 #![no_std]
 
+pub mod detour;
+pub mod insn;
 pub mod live_patch;
+pub mod xol;
 
 use probe_core::arch::Arch;
 

@@ -77,9 +77,10 @@ pub trait TextPatcher: Send + Sync {
     fn forked(&self, _parent: MmId, _child: MmId) {}
 }
 
-/// The most bytes a jump-optimized probe may cover (x86: a 5-byte `jmp rel32` rounded up to
-/// whole instructions is at most 5 + 14 bytes in theory; real optprobes cover ≤ 16).
-pub const MAX_DETOUR: usize = 16;
+/// The most bytes a jump-optimized probe may cover. x86: a 5-byte `jmp rel32` rounded up to
+/// whole instructions — the last covered instruction starts at most 4 bytes in and is at most 15
+/// long, so 19.
+pub const MAX_DETOUR: usize = 19;
 
 /// What a jump at a probe's address replaces and where it leads: the arch's answer when the
 /// instructions there can be relocated into a trampoline.
@@ -129,6 +130,18 @@ pub enum NotOptimizable {
     },
     /// No trampoline could be placed within the jump's reach.
     OutOfReach,
+    /// The code around the probe does not decode as instructions, so the jump range cannot be
+    /// proved safe.
+    Undecodable {
+        /// Where decoding failed.
+        addr: u64,
+    },
+    /// The function holds an indirect jump (a jump table may lead anywhere, the jump range
+    /// included): kprobes refuses these too.
+    IndirectJump {
+        /// The indirect jump's address.
+        addr: u64,
+    },
     /// The trampoline could not be allocated.
     NoMemory,
 }
@@ -145,6 +158,10 @@ impl core::fmt::Display for NotOptimizable {
                 write!(f, "the instruction at {addr:#x} cannot be relocated")
             }
             Self::OutOfReach => f.write_str("no trampoline within the jump's reach"),
+            Self::Undecodable { addr } => write!(f, "the code at {addr:#x} does not decode"),
+            Self::IndirectJump { addr } => {
+                write!(f, "the function has an indirect jump at {addr:#x}")
+            }
             Self::NoMemory => f.write_str("no memory for a trampoline"),
         }
     }
