@@ -23,7 +23,7 @@
 //! The analysis needs the function's bounds (from a symbol table, or DWARF); it decodes linearly,
 //! which is right for compiler output without data in text.
 
-use crate::insn::{self, Insn, Kind, MAX_INSN};
+use crate::insn::{self, Insn, Kind};
 use crate::xol::{self, Displaced};
 use crate::{INT3, JMP_LEN, jmp_rel32};
 use probe_core::arch::{MAX_DETOUR, NotOptimizable};
@@ -111,11 +111,11 @@ pub fn analyze(func: &[u8], func_start: u64, addr: u64) -> Result<JumpRange, Not
             insn::length(&func[at..], pc).map_err(|_| NotOptimizable::Undecodable { addr: pc })?;
         if at >= off && covered < JMP_LEN {
             let count = usize::from(range.count);
-            if let Some(prev) = count.checked_sub(1).and_then(|c| range.insns[c]) {
-                if matches!(prev.kind(), Kind::Call { .. } | Kind::IndirectCall { .. }) {
-                    // A call before the end of the range returns into the jump.
-                    return Err(NotOptimizable::Unrelocatable { addr: prev.addr() });
-                }
+            if let Some(prev) = count.checked_sub(1).and_then(|c| range.insns[c])
+                && matches!(prev.kind(), Kind::Call { .. } | Kind::IndirectCall { .. })
+            {
+                // A call before the end of the range returns into the jump.
+                return Err(NotOptimizable::Unrelocatable { addr: prev.addr() });
             }
             let i = Insn::decode(&func[at..at + n], pc)
                 .map_err(|_| NotOptimizable::Unrelocatable { addr: pc })?;
@@ -133,7 +133,8 @@ pub fn analyze(func: &[u8], func_start: u64, addr: u64) -> Result<JumpRange, Not
     }
     let end = addr + covered as u64;
     let mut targets_in_range = None;
-    debug_assert!(covered <= MAX_DETOUR && covered < JMP_LEN + MAX_INSN);
+    // The last covered instruction starts before byte 5 and is at most MAX_INSN long.
+    debug_assert!(covered <= MAX_DETOUR);
     range.len = covered as u8;
     // Second pass: branch targets and indirect jumps.
     let mut at = 0usize;
