@@ -66,6 +66,9 @@ pub enum Refusal {
     StackRelativeCall,
     /// A RIP-relative operand or branch target is out of a `rel32`'s reach from the copy.
     OutOfReach,
+    /// The relocated instructions do not fit the room for them (a trampoline's displaced
+    /// instructions, [`crate::xol::MAX_DISPLACED`]).
+    TooLong,
 }
 
 impl core::fmt::Display for Refusal {
@@ -82,6 +85,7 @@ impl core::fmt::Display for Refusal {
             Self::OperandSizeBranch => "a relative branch with an operand-size prefix",
             Self::StackRelativeCall => "an indirect call whose operand depends on RSP",
             Self::OutOfReach => "a RIP-relative target is out of rel32 reach of the copy",
+            Self::TooLong => "the relocated code does not fit",
         })
     }
 }

@@ -31,9 +31,10 @@
 use crate::insn::{Insn, Kind, Refusal};
 use crate::{JMP_LEN, JMP_REL32};
 
-/// The most bytes a copy takes (a 15-byte RIP-relative instruction and a 14-byte absolute jump
-/// back; a relocated `jcc` with two absolute jumps is 30).
-pub const MAX_XOL: usize = 32;
+/// The most bytes a copy takes: a relocated `jecxz` whose target and way back are both out of
+/// `rel32` reach (`67 E3 02 EB 0E`, two 14-byte absolute jumps). A 15-byte RIP-relative
+/// instruction and its jump back take 29.
+pub const MAX_XOL: usize = 33;
 
 /// A relocated copy of one instruction, to be written at one slot address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
