@@ -58,8 +58,9 @@ pub enum Refusal {
     Transaction,
     /// `ud0`, `ud1`, `ud2` and the like: always faults.
     Faulting,
-    /// A relative branch with an operand-size (`66`) prefix: AMD truncates RIP to 16 bits,
-    /// Intel does not — no copy is right on both.
+    /// A relative branch with an operand-size (`66`) prefix: AMD takes a 16-bit displacement
+    /// and truncates RIP to 16 bits, Intel ignores the prefix — not even the length is agreed
+    /// (GNU objdump decodes `66 E9` as 4 bytes, iced as 6), so no copy is right on both.
     OperandSizeBranch,
     /// `call` through a memory operand or register that involves RSP: the relocated push would
     /// change what the operand reads.
