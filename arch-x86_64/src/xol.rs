@@ -232,7 +232,7 @@ pub fn prepare(insn: &Insn, slot: u64) -> Result<XolCopy, Refusal> {
     })
 }
 
-/// The most bytes [`displaced`] emits for a jump range.
+/// The most bytes the displaced code of a jump range takes ([`crate::detour::JumpRange::displaced`]).
 pub const MAX_DISPLACED: usize = 160;
 
 /// The displaced instructions of a jump-optimized probe, relocated to run at one address.
