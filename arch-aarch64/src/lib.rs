@@ -8,6 +8,8 @@
 //!   B.cond, CBZ/CBNZ, TBZ/TBNZ, and BR/BLR/RET) are *simulated* from the original PC; exclusive
 //!   loads/stores and system instructions that cannot be stepped are refused with the reason; the
 //!   rest run out of line;
+//! * [`xol`] — the out-of-line copy of a stepped instruction, returning by `B` when the slot is
+//!   in reach and by a second `BRK` (no borrowed register) when it is not;
 //! * [`patch`] — the Arm ARM's rule for changing code other CPUs execute, as a type: a single
 //!   aligned 32-bit store only when old and new are both B, BL, NOP, BRK, SVC, HVC or SMC, and
 //!   otherwise only with every other CPU stopped;
@@ -33,6 +35,7 @@
 pub mod cache;
 pub mod insn;
 pub mod patch;
+pub mod xol;
 
 use probe_core::arch::Arch;
 
