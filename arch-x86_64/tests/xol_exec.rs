@@ -479,3 +479,116 @@ fn a_far_slot_uses_absolute_jumps_or_refuses() {
         "{runs} runs from a slot 8 GiB away agreed; RIP-relative forms refused as out of reach"
     );
 }
+
+/// Builds a byte sequence at `base`, each piece knowing its own address (for rel8/rel32/disp32).
+struct Seq {
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl Seq {
+    fn here(&self) -> u64 {
+        self.base + self.bytes.len() as u64
+    }
+    /// `prefix`, then a 32-bit displacement to `to` measured from the end of the instruction
+    /// (`suffix` bytes after the displacement included).
+    fn d32(mut self, prefix: &[u8], to: u64, suffix: &[u8]) -> Self {
+        let end = self.here() + (prefix.len() + 4 + suffix.len()) as u64;
+        self.bytes.extend_from_slice(prefix);
+        self.bytes
+            .extend_from_slice(&((to as i64 - end as i64) as i32).to_le_bytes());
+        self.bytes.extend_from_slice(suffix);
+        self
+    }
+    fn r8(mut self, op: &[u8], to: u64) -> Self {
+        let end = self.here() + op.len() as u64 + 1;
+        self.bytes.extend_from_slice(op);
+        self.bytes.push((to as i64 - end as i64) as i8 as u8);
+        self
+    }
+    fn raw(mut self, b: &[u8]) -> Self {
+        self.bytes.extend_from_slice(b);
+        self
+    }
+}
+
+#[test]
+fn trampoline_displaced_code_behaves_like_the_range() {
+    use probe_arch_x86_64::detour::analyze;
+    watchdog();
+    let Some(code) = Code::map(2 * PAGE, 0) else {
+        panic!("mmap failed: {}", std::io::Error::last_os_error());
+    };
+    let a = code.addr(INSN_AT);
+    let (data, tgt) = (code.addr(DATA_AT), code.addr(TARGET_AT));
+    let s = || Seq {
+        base: a,
+        bytes: Vec::new(),
+    };
+    let ranges: Vec<(&str, Seq)> = vec![
+        (
+            "mov rax, [rip+d]",
+            s().d32(&[0x48, 0x8B, 0x05], data + 8, &[]),
+        ),
+        (
+            "push rbx; jne; add rax, rbx",
+            s().raw(&[0x53]).r8(&[0x75], tgt).raw(&[0x48, 0x01, 0xD8]),
+        ),
+        (
+            "loop; lea rsi, [rip+d]",
+            s().r8(&[0xE2], tgt).d32(&[0x48, 0x8D, 0x35], data, &[]),
+        ),
+        (
+            "xor eax, eax; inc dword [rip+d]",
+            s().raw(&[0x31, 0xC0]).d32(&[0xFF, 0x05], data + 4, &[]),
+        ),
+        (
+            "nop; nop; call rel32",
+            s().raw(&[0x90, 0x90]).d32(&[0xE8], tgt, &[]),
+        ),
+        (
+            "jrcxz; jmp rel8; nop",
+            s().r8(&[0xE3], tgt).r8(&[0xEB], tgt).raw(&[0x90]),
+        ),
+        (
+            "jecxz; loop ecx",
+            s().r8(&[0x67, 0xE3], tgt).r8(&[0x67, 0xE2], tgt),
+        ),
+        (
+            "je rel32; cmp [rip+d], 5",
+            s().d32(&[0x0F, 0x84], tgt, &[])
+                .d32(&[0x48, 0x83, 0x3D], data + 8, &[5]),
+        ),
+    ];
+    let mut runs = 0;
+    for (name, seq) in ranges {
+        // The function: the sequence, then `ret`.
+        let mut func = seq.bytes.clone();
+        func.push(0xC3);
+        let range = analyze(&func, a, a).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            range.len() <= seq.bytes.len(),
+            "{name}: range {}",
+            range.len()
+        );
+        let displaced = range.displaced(code.addr(SLOT_AT)).unwrap();
+        // Lay out only the covered bytes, then the fall-through stub where the range ends.
+        code.write(INSN_AT, &[0xCC; 64]);
+        code.write(INSN_AT, &seq.bytes[..range.len()]);
+        stub(&code, INSN_AT + range.len(), 1);
+        stub(&code, TARGET_AT, 2);
+        code.write(SLOT_AT, &[0xCC; 200]);
+        code.write(SLOT_AT, displaced.bytes());
+        for flags in [0u64, 0x40, 0x881, 0x4] {
+            for rcx in [0u64, 1, 2, 1 << 32] {
+                let init = initial(flags, rcx, &code);
+                let original = run(&code, a, init);
+                let relocated = run(&code, code.addr(SLOT_AT), init);
+                assert_ne!(original.marker, 0, "{name}");
+                assert_eq!(original, relocated, "{name} flags {flags:#x} rcx {rcx:#x}");
+                runs += 1;
+            }
+        }
+    }
+    println!("{runs} runs of jump ranges: displaced code agreed with the original every time");
+}
