@@ -23,7 +23,7 @@
 //! The analysis needs the function's bounds (from a symbol table, or DWARF); it decodes linearly,
 //! which is right for compiler output without data in text.
 
-use crate::insn::{self, Insn, Kind};
+use crate::insn::{self, Insn, Kind, Refusal};
 use crate::xol::{self, Displaced};
 use crate::{INT3, JMP_LEN, jmp_rel32};
 use probe_core::arch::{MAX_DETOUR, NotOptimizable};
@@ -94,81 +94,72 @@ pub fn analyze(func: &[u8], func_start: u64, addr: u64) -> Result<JumpRange, Not
         .and_then(|o| usize::try_from(o).ok())
         .filter(|&o| o < func.len())
         .ok_or(NotOptimizable::TooShort)?;
-    // Walk the whole function once: instruction starts, branch targets, indirect jumps.
+    // Two passes: the first finds the range (decoding up to its end), the second walks the
+    // whole function and checks every branch against it (a branch may come before the probe).
+    // Each instruction is decoded once per pass.
     let mut range = JumpRange {
         addr,
         insns: [None; MAX_COVERED],
         count: 0,
         len: 0,
     };
-    // Two passes over the whole function: the first finds the range, the second checks every
-    // branch against it (a branch may come before the probe).
+    let undecodable = |pc| move |_| NotOptimizable::Undecodable { addr: pc };
     let mut at = 0usize;
     let mut covered = 0usize;
-    while at < func.len() {
+    while at < func.len() && covered < JMP_LEN {
         let pc = func_start.wrapping_add(at as u64);
-        let n =
-            insn::length(&func[at..], pc).map_err(|_| NotOptimizable::Undecodable { addr: pc })?;
-        if at >= off && covered < JMP_LEN {
-            let count = usize::from(range.count);
-            if let Some(prev) = count.checked_sub(1).and_then(|c| range.insns[c])
-                && matches!(prev.kind(), Kind::Call { .. } | Kind::IndirectCall { .. })
-            {
-                // A call before the end of the range returns into the jump.
-                return Err(NotOptimizable::Unrelocatable { addr: prev.addr() });
+        if at < off {
+            let n = insn::length(&func[at..], pc).map_err(undecodable(pc))?;
+            if at + n > off {
+                // The probe is inside this instruction.
+                return Err(NotOptimizable::Undecodable { addr });
             }
-            let i = Insn::decode(&func[at..at + n], pc)
-                .map_err(|_| NotOptimizable::Unrelocatable { addr: pc })?;
-            range.insns[count] = Some(i);
-            range.count += 1;
-            covered += n;
-        } else if at < off && at + n > off {
-            // The probe is inside this instruction.
-            return Err(NotOptimizable::Undecodable { addr });
+            at += n;
+            continue;
         }
-        at += n;
+        let count = usize::from(range.count);
+        if let Some(prev) = count.checked_sub(1).and_then(|c| range.insns[c])
+            && matches!(prev.kind(), Kind::Call { .. } | Kind::IndirectCall { .. })
+        {
+            // A call before the end of the range returns into the jump.
+            return Err(NotOptimizable::Unrelocatable { addr: prev.addr() });
+        }
+        let i = match Insn::decode(&func[at..], pc) {
+            Ok(i) => i,
+            Err(Refusal::Truncated | Refusal::Invalid) => {
+                return Err(NotOptimizable::Undecodable { addr: pc });
+            }
+            Err(_) => return Err(NotOptimizable::Unrelocatable { addr: pc }),
+        };
+        range.insns[count] = Some(i);
+        range.count += 1;
+        covered += i.len();
+        at += i.len();
     }
     if covered < JMP_LEN {
         return Err(NotOptimizable::TooShort);
     }
-    let end = addr + covered as u64;
-    let mut targets_in_range = None;
-    // The last covered instruction starts before byte 5 and is at most MAX_INSN long.
+    // The last covered instruction starts before byte 5 and is at most 15 long.
     debug_assert!(covered <= MAX_DETOUR);
     range.len = covered as u8;
-    // Second pass: branch targets and indirect jumps.
+    let end = addr + covered as u64;
+    let mut target_in_range = None;
     let mut at = 0usize;
     while at < func.len() {
         let pc = func_start.wrapping_add(at as u64);
-        let n =
-            insn::length(&func[at..], pc).map_err(|_| NotOptimizable::Undecodable { addr: pc })?;
-        match Insn::decode(&func[at..at + n], pc).map(|i| i.kind()) {
-            Ok(
-                Kind::Jump { target }
-                | Kind::CondJump { target, .. }
-                | Kind::CountJump { target, .. }
-                | Kind::Call { target },
-            ) if target > addr && target < end => {
-                targets_in_range.get_or_insert(target);
-            }
-            _ => {}
-        }
-        if is_indirect_jump(&func[at..at + n], pc) {
+        let f = insn::flow(&func[at..], pc).map_err(undecodable(pc))?;
+        if f.indirect_jump {
             return Err(NotOptimizable::IndirectJump { addr: pc });
         }
-        at += n;
+        if let Some(t) = f.target.filter(|&t| t > addr && t < end) {
+            target_in_range.get_or_insert(t);
+        }
+        at += f.len;
     }
-    if let Some(t) = targets_in_range {
-        return Err(NotOptimizable::BranchTarget { addr: t });
+    match target_in_range {
+        Some(t) => Err(NotOptimizable::BranchTarget { addr: t }),
+        None => Ok(range),
     }
-    Ok(range)
-}
-
-/// `jmp r/m64` (FF /4), the shape of a jump-table dispatch.
-fn is_indirect_jump(bytes: &[u8], pc: u64) -> bool {
-    use iced_x86::{Decoder, DecoderOptions};
-    let i = Decoder::with_ip(64, bytes, pc, DecoderOptions::NONE).decode();
-    i.is_jmp_near_indirect()
 }
 
 #[cfg(test)]

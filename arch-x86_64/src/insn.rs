@@ -373,6 +373,34 @@ pub fn length(code: &[u8], addr: u64) -> Result<usize, Refusal> {
     decode_raw(code, addr).map(|r| r.insn.len())
 }
 
+/// What a walk over a function needs of one instruction, from a single decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// Its length.
+    pub len: usize,
+    /// The target of a relative branch, call, loop or `xbegin`.
+    pub target: Option<u64>,
+    /// `jmp r/m64` — the shape of a jump-table dispatch.
+    pub indirect_jump: bool,
+}
+
+/// Decodes the instruction at the start of `code` for a function walk: length, relative target,
+/// indirect jump. Fails only if it does not decode ([`Refusal::Truncated`], [`Refusal::Invalid`]),
+/// whether or not it could be probed.
+pub fn flow(code: &[u8], addr: u64) -> Result<Flow, Refusal> {
+    let raw = decode_raw(code, addr)?;
+    let i = &raw.insn;
+    let relative = matches!(
+        i.op0_kind(),
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+    );
+    Ok(Flow {
+        len: i.len(),
+        target: relative.then(|| i.near_branch_target()),
+        indirect_jump: i.is_jmp_near_indirect(),
+    })
+}
+
 /// Index of the first opcode byte: past legacy prefixes and REX (not VEX/EVEX, which our
 /// callers never see here: only `call r/m` asks).
 fn opcode_index(bytes: &[u8]) -> usize {
