@@ -17,8 +17,9 @@
 //! synchronization event before they execute the new code — the embedder's
 //! [`crate::patch::WordWriter::sync_cores`].
 //!
-//! [`CacheGeometry::ops`] computes the sequence on any host (it is tested here); [`CacheGeometry::
-//! sync_icache`] executes it, with inline assembly that exists only on aarch64. The assembly text
+//! [`CacheGeometry::ops`] computes the sequence on any host (it is tested here);
+//! `CacheGeometry::sync_icache` executes it, with inline assembly that exists only on aarch64
+//! (so it is absent from docs built elsewhere). The assembly text
 //! is in [`asm_text`] macros so a test can assemble exactly the same strings with
 //! `aarch64-linux-gnu-as`.
 

@@ -113,7 +113,7 @@ pub trait WordWriter {
     /// store, `STR Wt`): never split into smaller stores.
     fn write_word(&self, addr: u64, word: u32);
     /// Cache maintenance for `[addr, addr + len)` on this CPU
-    /// ([`crate::cache::CacheGeometry::sync_icache`] on aarch64).
+    /// (`CacheGeometry::sync_icache` from [`crate::cache`] on aarch64).
     fn flush(&self, addr: u64, len: usize);
     /// Context-synchronizes every other CPU that may execute the code (an IPI that runs `ISB`;
     /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` in a process).
