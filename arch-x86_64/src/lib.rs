@@ -24,8 +24,13 @@
 
 #![no_std]
 
+#[cfg(feature = "live")]
+extern crate std;
+
 pub mod detour;
 pub mod insn;
+#[cfg(all(feature = "live", target_arch = "x86_64", target_os = "linux"))]
+pub mod live;
 pub mod live_patch;
 pub mod xol;
 

@@ -1,0 +1,807 @@
+//! Probes on the running process itself (feature `live`, x86_64 Linux): the process is the
+//! "kernel", its threads are the "CPUs", its code pages are the "text".
+//!
+//! # What happens on a hit
+//!
+//! ```text
+//!  thread runs INT3 at addr ──SIGTRAP──▶ handler (SA_SIGINFO, on the thread's stack, below the red zone)
+//!     claim a pooled pair of RCU readers          (one atomic swap; no allocation, no lock)
+//!     optimizer.on_breakpoint(addr)               (lock-free tree lookup, no store)
+//!       Probe { fire, then: Step }  → run consumers (registry lookup by (inode, file offset))
+//!                                     RIP = the probe's XOL copy (relocated insn + jmp back)
+//!       Restart                     → RIP = addr (the breakpoint went away meanwhile)
+//!       NotOurs                     → the program's previous SIGTRAP handler
+//!     release the readers; return (sigreturn resumes at RIP)
+//! ```
+//!
+//! # Why the handler may do this
+//!
+//! A signal can interrupt a thread anywhere — inside `malloc`, holding any lock, or inside
+//! probe-core's own writer paths. The handler therefore allocates nothing and takes no lock:
+//! the optimizer's and the registry's read paths are lock-free and store-free (core proves this
+//! with a test), and RCU readers come from a pool allocated at [`Live::install`], claimed with an
+//! atomic swap. The interrupted thread can never hold a pooled reader (only handlers do, and
+//! SIGTRAP is blocked while its own handler runs), so a claim waits at most for other threads'
+//! handlers, which do not wait for anything. Writers (`attach`, `detach`) take a mutex the handler
+//! never touches.
+//!
+//! # Writing code without W+X
+//!
+//! Code is written through `/proc/self/mem` (what debuggers use): the kernel writes the page for
+//! us, breaking copy-on-write of the file-backed text, and the page's protection never changes —
+//! no page is ever writable and executable. Multi-byte changes go through the int3-first protocol
+//! ([`crate::live_patch`]) with `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` as the
+//! cross-core sync. XOL copies live in a memfd mapped twice near the code: read+execute for the
+//! threads, read+write for us.
+//!
+//! # XOL copies are per probe, not per thread
+//!
+//! Linux gives each thread its own XOL slot because its copy is single-stepped and fixed up
+//! afterwards. Our copies ([`crate::xol`]) are pure code ending in a jump back — nothing to fix
+//! up — so one copy per probe serves every thread at once, prepared when the probe is attached;
+//! a hit only sets RIP.
+//!
+//! # Not yet
+//!
+//! Jump optimization (trampolines), and freeing XOL copies (they are kept for the life of the
+//! process, reused when the same address is probed again): both need the quiescence mechanism of
+//! the live-embedding issue.
+
+use crate::X86_64;
+use crate::insn::{self, Insn, Refusal};
+use crate::live_patch::{CodeWriter, patch_batch};
+use crate::xol;
+use probe_core::arch::{CodeSpace, Detour, NotOptimizable, Patch};
+use probe_core::optimizer::{Optimizer, Then, Trap};
+use probe_core::probe::{ObjectId, ProbeKey};
+use probe_core::rcu::{Rcu, SlotRcu};
+use probe_core::registry::Registry;
+use probe_core::sync::{AtomicBool, AtomicU64, Ordering};
+use std::boxed::Box;
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
+use std::string::{String, ToString};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::vec::Vec;
+
+/// The registers a consumer sees: the interrupted thread's, as saved by the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub rsp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    /// The probed instruction's address.
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A consumer: runs on every hit of its probe, in the signal handler of the thread that hit it,
+/// so it must be async-signal-safe (no allocation, no locks another thread might hold).
+pub type Consumer = dyn Fn(&Regs) + Send + Sync;
+
+/// Why a live operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LiveError {
+    /// [`Live::install`] was already called in this process.
+    AlreadyInstalled,
+    /// A system call failed.
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// `errno`.
+        errno: i32,
+    },
+    /// The executable could not be read or parsed.
+    Executable(String),
+    /// No function symbol of that name (or containing that address).
+    NoSymbol,
+    /// The instruction there cannot be probed.
+    Refused(Refusal),
+    /// probe-core refused (inside an instruction, already a trap there, no memory, …).
+    Core(probe_core::Error),
+    /// The XOL area is full.
+    Full,
+}
+
+impl fmt::Display for LiveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AlreadyInstalled => f.write_str("live probes are already installed"),
+            Self::Os { what, errno } => write!(f, "{what}: errno {errno}"),
+            Self::Executable(e) => write!(f, "reading the executable: {e}"),
+            Self::NoSymbol => f.write_str("no such function symbol"),
+            Self::Refused(r) => write!(f, "cannot probe this instruction: {r}"),
+            Self::Core(e) => write!(f, "{e:?}"),
+            Self::Full => f.write_str("the XOL area is full"),
+        }
+    }
+}
+
+impl std::error::Error for LiveError {}
+
+impl From<probe_core::Error> for LiveError {
+    fn from(e: probe_core::Error) -> Self {
+        Self::Core(e)
+    }
+}
+
+fn os(what: &'static str) -> LiveError {
+    LiveError::Os {
+        what,
+        errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+    }
+}
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
+fn membarrier(cmd: libc::c_int) -> Result<(), LiveError> {
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(os("membarrier"))
+    }
+}
+
+/// The executable as loaded: its bytes (the original code), segments, functions, load bias.
+struct Image {
+    bytes: Vec<u8>,
+    /// (vaddr, file offset, file size), link-time addresses.
+    segments: Vec<(u64, u64, u64)>,
+    /// (runtime start, runtime end, name), sorted by start.
+    functions: Vec<(u64, u64, String)>,
+    bias: u64,
+    inode: u64,
+}
+
+impl Image {
+    fn load() -> Result<Self, LiveError> {
+        use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+        let exe = |e: &dyn fmt::Display| LiveError::Executable(e.to_string());
+        let inode = std::fs::metadata("/proc/self/exe")
+            .map_err(|e| exe(&e))?
+            .ino();
+        let bytes = std::fs::read("/proc/self/exe").map_err(|e| exe(&e))?;
+        let obj = object::File::parse(&*bytes).map_err(|e| exe(&e))?;
+        let segments: Vec<(u64, u64, u64)> = obj
+            .segments()
+            .map(|s| {
+                let (off, size) = s.file_range();
+                (s.address(), off, size)
+            })
+            .collect();
+        // The bias: where the mapping of file offset 0 starts, minus the segment's address.
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| exe(&e))?;
+        let start = maps
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let ino: u64 = f.get(4)?.parse().ok()?;
+                let off = u64::from_str_radix(f.get(2)?, 16).ok()?;
+                let start = u64::from_str_radix(f.first()?.split('-').next()?, 16).ok()?;
+                (ino == inode && off == 0).then_some(start)
+            })
+            .ok_or_else(|| LiveError::Executable("not in /proc/self/maps".into()))?;
+        let seg0 = segments.iter().find(|s| s.1 == 0).map_or(0, |s| s.0);
+        let bias = start.wrapping_sub(seg0 & !0xFFF);
+        let mut functions: Vec<(u64, u64, String)> = obj
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+            .filter_map(|s| {
+                let a = s.address().wrapping_add(bias);
+                Some((a, a.checked_add(s.size())?, s.name().ok()?.to_string()))
+            })
+            .collect();
+        functions.sort();
+        functions.dedup_by_key(|f| f.0);
+        Ok(Self {
+            bytes,
+            segments,
+            functions,
+            bias,
+            inode,
+        })
+    }
+
+    /// The file offset of runtime address `addr`, if a segment holds it in the file.
+    fn file_offset(&self, addr: u64) -> Option<u64> {
+        let link = addr.wrapping_sub(self.bias);
+        self.segments.iter().find_map(|&(va, off, size)| {
+            (link >= va && link - va < size).then(|| off + (link - va))
+        })
+    }
+
+    fn original(&self, addr: u64, buf: &mut [u8]) -> Option<()> {
+        let off = usize::try_from(self.file_offset(addr)?).ok()?;
+        buf.copy_from_slice(self.bytes.get(off..off.checked_add(buf.len())?)?);
+        Some(())
+    }
+
+    fn function_at(&self, addr: u64) -> Option<&(u64, u64, String)> {
+        let i = self
+            .functions
+            .partition_point(|f| f.0 <= addr)
+            .checked_sub(1)?;
+        let f = &self.functions[i];
+        (addr < f.1).then_some(f)
+    }
+}
+
+/// Writes code through `/proc/self/mem`; syncs cores with membarrier.
+struct ProcMem(File);
+
+impl CodeWriter for ProcMem {
+    fn write(&self, addr: u64, bytes: &[u8]) {
+        // A failed write would leave the protocol half done; /proc/self/mem writes to mapped
+        // text of our own process do not fail short of memory exhaustion.
+        let r = self.0.write_all_at(bytes, addr);
+        debug_assert!(r.is_ok(), "write to /proc/self/mem: {r:?}");
+    }
+    fn sync_cores(&self) {
+        let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
+        debug_assert!(r.is_ok());
+    }
+}
+
+/// The process's code as the optimizer's [`CodeSpace`].
+struct ProcessCode {
+    image: Image,
+    mem: ProcMem,
+}
+
+impl CodeSpace for ProcessCode {
+    type Arch = X86_64;
+
+    fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+        self.image
+            .original(addr, buf)
+            .ok_or(probe_core::Error::OffsetOutOfRange)
+    }
+
+    fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
+        let &(start, end, _) = self
+            .image
+            .function_at(addr)
+            .ok_or(probe_core::Error::OffsetOutOfRange)?;
+        let mut func = std::vec![0u8; (end - start) as usize];
+        self.read_original(start, &mut func)?;
+        insn::check_boundary(&func, start, addr)
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+        // Called from the trap handler for an address just executed (mapped, readable text).
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `addr..addr+len` is the trapping instruction's bytes, in a mapped text page
+            // (the CPU just fetched it); a volatile read because other threads patch it.
+            *b = unsafe { core::ptr::read_volatile((addr as usize + i) as *const u8) };
+        }
+        Ok(())
+    }
+
+    fn prepare_detour(&self, _addr: u64) -> Result<Detour, NotOptimizable> {
+        Err(NotOptimizable::Unsupported)
+    }
+
+    fn free_detour(&self, _detour: &Detour) {}
+
+    fn patch(&self, batch: &[Patch]) {
+        patch_batch(&self.mem, batch);
+    }
+
+    fn quiesce(&self) {
+        let _ = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
+    }
+}
+
+/// A memfd mapped twice: read+execute near the code, read+write for us.
+struct XolArea {
+    rx: u64,
+    rw: *mut u8,
+    len: usize,
+    next: usize,
+}
+
+// SAFETY: `rw` is only written under the writer mutex.
+unsafe impl Send for XolArea {}
+
+const XOL_AREA: usize = 1 << 20;
+const XOL_SLOT: usize = 64;
+
+impl XolArea {
+    /// Maps the area within ±1 GiB of `near` (so RIP-relative operands of the code still reach).
+    fn map(near: u64) -> Result<Self, LiveError> {
+        // SAFETY: memfd_create with a valid C string; ftruncate on our own fd.
+        let fd = unsafe { libc::memfd_create(c"probe-core-xol".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os("memfd_create"));
+        }
+        // SAFETY: our fd.
+        if unsafe { libc::ftruncate(fd, XOL_AREA as i64) } != 0 {
+            return Err(os("ftruncate"));
+        }
+        let mut rx = None;
+        for k in 1..64u64 {
+            for hint in [near.wrapping_sub(k << 24), near.wrapping_add(k << 24)] {
+                let hint = hint & !0xFFF;
+                // SAFETY: a new shared mapping of our memfd; FIXED_NOREPLACE never replaces an
+                // existing mapping.
+                let p = unsafe {
+                    libc::mmap(
+                        hint as *mut libc::c_void,
+                        XOL_AREA,
+                        libc::PROT_READ | libc::PROT_EXEC,
+                        libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE,
+                        fd,
+                        0,
+                    )
+                };
+                if p != libc::MAP_FAILED {
+                    rx = Some(p as u64);
+                    break;
+                }
+            }
+            if rx.is_some() {
+                break;
+            }
+        }
+        // SAFETY: a new shared read+write mapping of our memfd.
+        let rw = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                XOL_AREA,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        // SAFETY: the mappings keep the memory alive.
+        unsafe { libc::close(fd) };
+        let rx = rx.ok_or(LiveError::Full)?;
+        if rw == libc::MAP_FAILED {
+            return Err(os("mmap"));
+        }
+        Ok(Self {
+            rx,
+            rw: rw.cast(),
+            len: XOL_AREA,
+            next: 0,
+        })
+    }
+
+    /// Writes `copy` (made for the next slot's address) and returns that address.
+    fn push(
+        &mut self,
+        make: impl FnOnce(u64) -> Result<xol::XolCopy, Refusal>,
+    ) -> Result<u64, LiveError> {
+        if self.next + XOL_SLOT > self.len {
+            return Err(LiveError::Full);
+        }
+        let at = self.rx + self.next as u64;
+        let copy = make(at).map_err(LiveError::Refused)?;
+        // SAFETY: in bounds of the alias mapping; the slot is fresh, so no thread executes it
+        // yet (it is published to the handler only after this write, through the XolMap's
+        // Release store).
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                copy.bytes().as_ptr(),
+                self.rw.add(self.next),
+                copy.bytes().len(),
+            );
+        }
+        self.next += XOL_SLOT;
+        Ok(at)
+    }
+}
+
+/// Probe address → XOL copy address, readable from the trap handler: open addressing over a
+/// fixed table, insert-only (a copy is kept for the life of the process).
+///
+/// # Invariants
+///
+/// * INVARIANT: a nonzero key is never changed again, and its value was stored before it.
+struct XolMap {
+    keys: Box<[AtomicU64]>,
+    vals: Box<[AtomicU64]>,
+}
+
+const XOL_MAP: usize = 1 << 14;
+
+impl XolMap {
+    fn new() -> Self {
+        Self {
+            keys: (0..XOL_MAP).map(|_| AtomicU64::new(0)).collect(),
+            vals: (0..XOL_MAP).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+    fn start(addr: u64) -> usize {
+        (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 50) as usize % XOL_MAP
+    }
+    /// Lock-free lookup (the handler).
+    fn get(&self, addr: u64) -> Option<u64> {
+        let mut i = Self::start(addr);
+        for _ in 0..XOL_MAP {
+            // Acquire pairs with the Release store of the key in `insert`: the value is visible.
+            match self.keys[i].load(Ordering::Acquire) {
+                0 => return None,
+                k if k == addr => return Some(self.vals[i].load(Ordering::Relaxed)),
+                _ => i = (i + 1) % XOL_MAP,
+            }
+        }
+        None
+    }
+    /// Insert (writers, under the writer mutex).
+    fn insert(&self, addr: u64, val: u64) -> Result<(), LiveError> {
+        let mut i = Self::start(addr);
+        for _ in 0..XOL_MAP / 2 {
+            if self.keys[i].load(Ordering::Relaxed) == 0 {
+                // Relaxed: published by the Release store of the key just below.
+                self.vals[i].store(val, Ordering::Relaxed);
+                // INVARIANT: value first, key last. Release pairs with the Acquire in `get`.
+                self.keys[i].store(addr, Ordering::Release);
+                return Ok(());
+            }
+            i = (i + 1) % XOL_MAP;
+        }
+        Err(LiveError::Full)
+    }
+}
+
+/// A pooled pair of RCU readers (one per domain), claimed by a handler with one swap.
+struct Pooled {
+    busy: AtomicBool,
+    opt: <SlotRcu as Rcu>::Reader<'static>,
+    reg: <SlotRcu as Rcu>::Reader<'static>,
+}
+
+/// The most trap handlers that run at the same moment without waiting for a pooled reader.
+const POOL: usize = 256;
+
+type Opt = Optimizer<ProcessCode, SlotRcu>;
+type Reg = Registry<Consumer, SlotRcu>;
+
+/// Writer state, under the writer mutex.
+struct Writer {
+    xol: XolArea,
+}
+
+/// The live embedding. One per process: [`Live::install`].
+pub struct Live {
+    opt: &'static Opt,
+    reg: &'static Reg,
+    pool: Box<[Pooled]>,
+    xol_map: XolMap,
+    writer: Mutex<Writer>,
+    previous: libc::sigaction,
+    hits: AtomicU64,
+}
+
+// SAFETY: `previous` is a plain C struct read by the handler; everything else is Sync.
+unsafe impl Sync for Live {}
+// SAFETY: as above.
+unsafe impl Send for Live {}
+
+static LIVE: OnceLock<&'static Live> = OnceLock::new();
+
+/// A probe attached by [`Live::attach`]; give it back to [`Live::detach`].
+#[derive(Clone)]
+pub struct Attached {
+    addr: u64,
+    key: ProbeKey,
+    consumer: Arc<Consumer>,
+}
+
+impl fmt::Debug for Attached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attached")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attached {
+    /// The probed address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// Its (inode, file offset) key.
+    pub fn key(&self) -> ProbeKey {
+        self.key
+    }
+}
+
+impl Live {
+    /// Installs the SIGTRAP handler (remembering the program's, which still gets every trap that
+    /// is not ours), reads the executable's symbols, registers for membarrier SYNC_CORE and maps
+    /// the XOL area near the code. Once per process.
+    pub fn install() -> Result<&'static Live, LiveError> {
+        static ONCE: Mutex<bool> = Mutex::new(false);
+        let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            return Err(LiveError::AlreadyInstalled);
+        }
+        membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE)?;
+        let image = Image::load()?;
+        let near = image.functions.first().map_or(0, |f| f.0);
+        let xol = XolArea::map(near)?;
+        let mem = File::options()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .map_err(|e| LiveError::Executable(e.to_string()))?;
+        let opt: &'static Opt = Box::leak(Box::new(Optimizer::new(
+            ProcessCode {
+                image,
+                mem: ProcMem(mem),
+            },
+            SlotRcu::new(),
+        )));
+        let reg: &'static Reg = Box::leak(Box::new(Registry::new(SlotRcu::new())));
+        let mut pool = Vec::with_capacity(POOL);
+        for _ in 0..POOL {
+            pool.push(Pooled {
+                busy: AtomicBool::new(false),
+                opt: opt.rcu().register()?,
+                reg: reg.rcu().register()?,
+            });
+        }
+        // The program's handler, which keeps every trap that is not ours.
+        // SAFETY: a zeroed sigaction is valid for sigaction to fill; a null `act` only queries.
+        let mut previous: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(libc::SIGTRAP, core::ptr::null(), &mut previous) } != 0 {
+            return Err(os("sigaction"));
+        }
+        let live: &'static Live = Box::leak(Box::new(Live {
+            opt,
+            reg,
+            pool: pool.into_boxed_slice(),
+            xol_map: XolMap::new(),
+            writer: Mutex::new(Writer { xol }),
+            previous,
+            hits: AtomicU64::new(0),
+        }));
+        // Publish before the handler can run.
+        let _ = LIVE.set(live);
+        // SAFETY: installing a handler that follows the rules in the module docs.
+        unsafe {
+            let mut sa: libc::sigaction = core::mem::zeroed();
+            sa.sa_sigaction = on_sigtrap as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) != 0 {
+                return Err(os("sigaction"));
+            }
+        }
+        *done = true;
+        Ok(live)
+    }
+
+    /// The runtime address of function `name` in the executable.
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.opt
+            .space()
+            .image
+            .functions
+            .iter()
+            .find(|f| f.2 == name)
+            .map(|f| f.0)
+    }
+
+    /// Attaches `consumer` to the function `name`, at `offset` bytes into it (any instruction
+    /// boundary).
+    pub fn attach_symbol(
+        &self,
+        name: &str,
+        offset: u64,
+        consumer: Arc<Consumer>,
+    ) -> Result<Attached, LiveError> {
+        let start = self.symbol(name).ok_or(LiveError::NoSymbol)?;
+        self.attach(start + offset, consumer)
+    }
+
+    /// Attaches `consumer` at `addr`, which must start an instruction of a function in the
+    /// executable's symbol table. Hits on any thread run it from then on, until
+    /// [`Live::detach`].
+    pub fn attach(&self, addr: u64, consumer: Arc<Consumer>) -> Result<Attached, LiveError> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let space = self.opt.space();
+        space.check_boundary(addr)?;
+        let key = ProbeKey {
+            object: ObjectId(space.image.inode),
+            offset: space.image.file_offset(addr).ok_or(LiveError::NoSymbol)?,
+        };
+        if self.xol_map.get(addr).is_none() {
+            let mut orig = [0u8; insn::MAX_INSN];
+            let end = space.image.function_at(addr).map_or(addr, |f| f.1);
+            let n = ((end - addr) as usize).min(insn::MAX_INSN);
+            space.read_original(addr, &mut orig[..n])?;
+            let i = Insn::decode(&orig[..n], addr).map_err(LiveError::Refused)?;
+            let slot = w.xol.push(|at| xol::prepare(&i, at))?;
+            self.xol_map.insert(addr, slot)?;
+        }
+        self.reg.register(key, consumer.clone())?;
+        if let Err(e) = self.opt.register(addr) {
+            let _ = self.reg.unregister(&key, &consumer);
+            self.reg.sync();
+            return Err(e.into());
+        }
+        Ok(Attached {
+            addr,
+            key,
+            consumer,
+        })
+    }
+
+    /// Detaches a probe: once this returns its consumer never runs again, and if it was the
+    /// last one at its address the original instruction is back.
+    pub fn detach(&self, a: Attached) -> Result<(), LiveError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.reg.unregister(&a.key, &a.consumer)?;
+        self.opt.unregister(a.addr)?;
+        self.opt.wait_for_optimizer();
+        // No hit still holds the old consumer list after this.
+        self.reg.sync();
+        Ok(())
+    }
+
+    /// Breakpoint hits answered by the handler so far (ours, not the program's).
+    pub fn hits(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    fn claim(&self) -> &Pooled {
+        loop {
+            for p in self.pool.iter() {
+                // Acquire pairs with the Release store in `release`: the previous user's reads
+                // are done.
+                if !p.busy.swap(true, Ordering::Acquire) {
+                    return p;
+                }
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    fn release(p: &Pooled) {
+        // Release pairs with the Acquire swap in `claim`.
+        p.busy.store(false, Ordering::Release);
+    }
+}
+
+fn regs_of(g: &[libc::greg_t; 23], rip: u64) -> Regs {
+    use libc::*;
+    let r = |i: i32| g[i as usize] as u64;
+    Regs {
+        rax: r(REG_RAX),
+        rbx: r(REG_RBX),
+        rcx: r(REG_RCX),
+        rdx: r(REG_RDX),
+        rsi: r(REG_RSI),
+        rdi: r(REG_RDI),
+        rbp: r(REG_RBP),
+        rsp: r(REG_RSP),
+        r8: r(REG_R8),
+        r9: r(REG_R9),
+        r10: r(REG_R10),
+        r11: r(REG_R11),
+        r12: r(REG_R12),
+        r13: r(REG_R13),
+        r14: r(REG_R14),
+        r15: r(REG_R15),
+        rip,
+        rflags: r(REG_EFL),
+    }
+}
+
+/// The SIGTRAP handler. See the module docs for what it may and may not do.
+extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let Some(live) = LIVE.get().copied() else {
+        return;
+    };
+    // Only a trap instruction (INT3, `INT 3`) is ours to look at: the kernel reports those with
+    // SI_KERNEL. A `raise`/`kill`, a single-step or a hardware breakpoint goes to the program.
+    // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler.
+    if unsafe { (*info).si_code } != libc::SI_KERNEL {
+        chain(&live.previous, sig, info, uc);
+        return;
+    }
+    // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler.
+    let gregs = unsafe { &mut (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let rip = gregs[libc::REG_RIP as usize] as u64;
+    // INT3 traps with RIP after itself.
+    let addr = rip.wrapping_sub(1);
+    let pooled = live.claim();
+    let answer = {
+        let guard = live.opt.rcu().read_lock(&pooled.opt);
+        match live.opt.on_breakpoint(&guard, addr) {
+            Trap::Probe { fire, then } => {
+                if fire {
+                    let regs = regs_of(gregs, addr);
+                    let space = live.opt.space();
+                    if let Some(offset) = space.image.file_offset(addr) {
+                        let key = ProbeKey {
+                            object: ObjectId(space.image.inode),
+                            offset,
+                        };
+                        let read = live.reg.read(&pooled.reg);
+                        if let Some(p) = read.lookup(&key) {
+                            for c in p.consumers() {
+                                c(&regs);
+                            }
+                        }
+                    }
+                }
+                match then {
+                    Then::Step => live.xol_map.get(addr),
+                    Then::Detour(d) => Some(d.displaced),
+                }
+            }
+            Trap::Restart => Some(addr),
+            Trap::NotOurs => None,
+        }
+    };
+    Live::release(pooled);
+    match answer {
+        Some(next) => {
+            // Relaxed: a statistic.
+            live.hits.fetch_add(1, Ordering::Relaxed);
+            gregs[libc::REG_RIP as usize] = next as i64;
+        }
+        None => chain(&live.previous, sig, info, uc),
+    }
+}
+
+/// Passes a trap that is not ours to the program's previous SIGTRAP disposition.
+fn chain(
+    prev: &libc::sigaction,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    let h = prev.sa_sigaction;
+    if h == libc::SIG_IGN {
+        return;
+    }
+    if h == libc::SIG_DFL {
+        // Default action (terminate with a core): restore it and re-raise; it is delivered when
+        // this handler returns.
+        // SAFETY: async-signal-safe calls.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        return;
+    }
+    if prev.sa_flags & libc::SA_SIGINFO != 0 {
+        // SAFETY: the program installed this function as an SA_SIGINFO handler.
+        let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            unsafe { core::mem::transmute(h) };
+        f(sig, info, uc);
+    } else {
+        // SAFETY: the program installed this function as a plain handler.
+        let f: extern "C" fn(libc::c_int) = unsafe { core::mem::transmute(h) };
+        f(sig);
+    }
+}

@@ -1,0 +1,285 @@
+//! The live embedding's breakpoint path in this very process: probes on functions of the test
+//! binary (found by symbol in its own ELF symbol table), hit by threads running them in loops,
+//! attached and detached while they run.
+
+#![cfg(all(target_arch = "x86_64", target_os = "linux"))]
+
+use probe_arch_x86_64::live::{Consumer, Live, Regs};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+// The probed functions, in this binary's .text, with symbol sizes so they have bounds.
+core::arch::global_asm!(
+    ".text",
+    ".globl live_t_add",
+    ".type live_t_add, @function",
+    "live_t_add:",
+    "lea rax, [rdi + rsi]",
+    "nop dword ptr [rax]",
+    "ret",
+    ".size live_t_add, . - live_t_add",
+    ".globl live_t_riprel",
+    ".type live_t_riprel, @function",
+    "live_t_riprel:",
+    "mov eax, dword ptr [rip + live_t_data]",
+    "add rax, rdi",
+    "ret",
+    ".size live_t_riprel, . - live_t_riprel",
+    ".globl live_t_call",
+    ".type live_t_call, @function",
+    "live_t_call:",
+    "push rbx",
+    "mov rsi, 100",
+    "call live_t_add",
+    "pop rbx",
+    "ret",
+    ".size live_t_call, . - live_t_call",
+    ".globl live_t_foreign",
+    ".type live_t_foreign, @function",
+    "live_t_foreign:",
+    "int3",
+    "mov eax, 7",
+    "ret",
+    ".size live_t_foreign, . - live_t_foreign",
+    ".data",
+    ".balign 8",
+    "live_t_data: .quad 40",
+    ".text",
+);
+
+unsafe extern "sysv64" {
+    fn live_t_add(a: u64, b: u64) -> u64;
+    fn live_t_riprel(a: u64) -> u64;
+    fn live_t_call(a: u64) -> u64;
+    fn live_t_foreign() -> u64;
+}
+
+fn add(a: u64, b: u64) -> u64 {
+    // SAFETY: lea/nop/ret: a plain sysv64 function.
+    unsafe { live_t_add(a, b) }
+}
+
+/// The program's own SIGTRAP handler, installed before the live embedding (it must keep
+/// getting the traps that are not ours).
+static FOREIGN_TRAPS: AtomicU64 = AtomicU64::new(0);
+extern "C" fn program_sigtrap(_: libc::c_int) {
+    FOREIGN_TRAPS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One process-wide setup for every test here.
+fn live() -> &'static Live {
+    static LIVE: OnceLock<&'static Live> = OnceLock::new();
+    LIVE.get_or_init(|| {
+        // SAFETY: a plain handler that only bumps an atomic.
+        unsafe { libc::signal(libc::SIGTRAP, program_sigtrap as *const () as usize) };
+        Live::install().expect("install")
+    })
+}
+
+/// Tests here share the process's probes: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn counter() -> (Arc<AtomicU64>, Arc<Consumer>) {
+    let n = Arc::new(AtomicU64::new(0));
+    let m = n.clone();
+    (
+        n,
+        Arc::new(move |_: &Regs| {
+            m.fetch_add(1, Ordering::Relaxed);
+        }),
+    )
+}
+
+fn code(addr: u64, len: usize) -> Vec<u8> {
+    // SAFETY: reading mapped text of this binary.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
+}
+
+#[test]
+fn a_foreign_int3_reaches_the_programs_handler() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let before = FOREIGN_TRAPS.load(Ordering::Relaxed);
+    // SAFETY: int3 (handled by the program's handler, which returns), then mov/ret.
+    assert_eq!(unsafe { live_t_foreign() }, 7);
+    assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), before + 1);
+    // And a raise() is not mistaken for a breakpoint either.
+    // SAFETY: raising a signal whose handler returns.
+    unsafe { libc::raise(libc::SIGTRAP) };
+    assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), before + 2);
+    let _ = live.hits();
+}
+
+#[test]
+fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    for (name, f, insns) in [
+        // mov eax, [rip+d] (6) ; add rax, rdi (3) ; ret
+        (
+            "live_t_riprel",
+            live_t_riprel as unsafe extern "sysv64" fn(u64) -> u64,
+            &[0u64, 6, 9][..],
+        ),
+        // push rbx (1) ; mov rsi, 100 (7) ; call (5) ; pop rbx (1) ; ret
+        ("live_t_call", live_t_call, &[0, 1, 8, 13, 14]),
+    ] {
+        let start = live.symbol(name).expect("symbol");
+        let original = code(start, 15);
+        // SAFETY: the test functions are plain sysv64 functions.
+        let want: Vec<u64> = (0..4).map(|i| unsafe { f(i) }).collect();
+        for &off in insns {
+            let (n, c) = counter();
+            let a = live
+                .attach_symbol(name, off, c)
+                .unwrap_or_else(|e| panic!("{name}+{off}: {e}"));
+            assert_eq!(
+                code(start + off, 1),
+                [0xCC],
+                "{name}+{off}: breakpoint in place"
+            );
+            // SAFETY: as above.
+            let got: Vec<u64> = (0..4).map(|i| unsafe { f(i) }).collect();
+            assert_eq!(got, want, "{name}+{off}");
+            assert_eq!(
+                n.load(Ordering::Relaxed),
+                4,
+                "{name}+{off}: one hit per call"
+            );
+            live.detach(a).unwrap();
+            assert_eq!(code(start, 15), original, "{name}: bytes restored");
+        }
+    }
+    // Not an instruction boundary.
+    let (_, c) = counter();
+    assert!(live.attach_symbol("live_t_riprel", 1, c).is_err());
+}
+
+#[test]
+fn consumers_see_exactly_the_hits_while_attached() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let start = live.symbol("live_t_add").unwrap();
+    let original = code(start, 8);
+    // A global clock orders calls against attach/detach.
+    static CLOCK: AtomicU64 = AtomicU64::new(0);
+    // Odd while a round (attach … detach) is on: workers keep the calls that overlap one.
+    static ROUND: AtomicU64 = AtomicU64::new(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    const THREADS: u64 = 2;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // (argument, clock before, clock after)
+                let mut calls = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let arg = (t << 48) | i;
+                    let r0 = ROUND.load(Ordering::SeqCst);
+                    let before = CLOCK.fetch_add(1, Ordering::SeqCst);
+                    let r = add(arg, 1);
+                    let after = CLOCK.fetch_add(1, Ordering::SeqCst);
+                    let r1 = ROUND.load(Ordering::SeqCst);
+                    assert_eq!(r, arg + 1, "a probed call returned a wrong value");
+                    // A call that overlaps a round saw it odd, or saw it change.
+                    if r0 % 2 == 1 || r0 != r1 {
+                        calls.push((arg, before, after));
+                    }
+                    i += 1;
+                    for _ in 0..20 {
+                        std::hint::spin_loop();
+                    }
+                }
+                calls
+            })
+        })
+        .collect();
+    // Rounds: attach a recording consumer at one of the two instruction boundaries, let the
+    // threads run, detach.
+    const CAP: usize = 1 << 20;
+    struct Record {
+        seen: Box<[AtomicU64]>,
+        n: AtomicUsize,
+    }
+    let mut rounds = Vec::new();
+    const ROUNDS: u64 = 30;
+    for round in 0..ROUNDS {
+        let rec = Arc::new(Record {
+            seen: (0..CAP).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            n: AtomicUsize::new(0),
+        });
+        let r2 = rec.clone();
+        // Signal-safe: one fetch_add and one store.
+        let c: Arc<Consumer> = Arc::new(move |regs: &Regs| {
+            let i = r2.n.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = r2.seen.get(i) {
+                s.store(regs.rdi, Ordering::Relaxed);
+            }
+        });
+        let off = if round % 2 == 0 { 0 } else { 4 };
+        ROUND.fetch_add(1, Ordering::SeqCst);
+        let t0 = CLOCK.fetch_add(1, Ordering::SeqCst);
+        let a = live.attach(start + off, c).unwrap();
+        let t1 = CLOCK.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let t2 = CLOCK.fetch_add(1, Ordering::SeqCst);
+        live.detach(a).unwrap();
+        let t3 = CLOCK.fetch_add(1, Ordering::SeqCst);
+        ROUND.fetch_add(1, Ordering::SeqCst);
+        rounds.push((rec, t0, t1, t2, t3));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut calls: Vec<(u64, u64, u64)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    calls.sort_unstable_by_key(|c| c.1);
+    let by_arg: std::collections::HashMap<u64, (u64, u64)> =
+        calls.iter().map(|&(a, b, e)| (a, (b, e))).collect();
+    let mut hits_total = 0;
+    let mut inside_total = 0;
+    for (k, (rec, t0, t1, t2, t3)) in rounds.iter().enumerate() {
+        let n = rec.n.load(Ordering::Relaxed);
+        assert!(n <= CAP);
+        let mut seen: Vec<u64> = rec.seen[..n]
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect();
+        seen.sort_unstable();
+        let len = seen.len();
+        seen.dedup();
+        assert_eq!(seen.len(), len, "round {k}: a call was seen twice");
+        // Every observation is a recorded call (so it overlapped a round) that overlapped
+        // [attach start, detach end].
+        for s in &seen {
+            let (before, after) = by_arg
+                .get(s)
+                .unwrap_or_else(|| panic!("round {k}: phantom hit {s:#x}"));
+            assert!(
+                !(*after < *t0 || *before > *t3),
+                "round {k}: call {s:#x} outside the window was seen"
+            );
+        }
+        // Every call that ran entirely between attach returning and detach starting was seen.
+        let from = calls.partition_point(|c| c.1 <= *t1);
+        for &(arg, _, after) in calls[from..].iter().take_while(|c| c.1 < *t2) {
+            if after < *t2 {
+                inside_total += 1;
+                assert!(
+                    seen.binary_search(&arg).is_ok(),
+                    "round {k}: call {arg:#x} inside the window was missed"
+                );
+            }
+        }
+        hits_total += n;
+    }
+    assert_eq!(code(start, 8), original, "bytes restored");
+    assert!(inside_total > 0);
+    println!(
+        "{} calls recorded around the rounds on {THREADS} threads, {ROUNDS} attach/detach rounds, {hits_total} hits recorded; \
+         all {inside_total} calls inside a window seen exactly once, none outside",
+        calls.len()
+    );
+}
