@@ -266,6 +266,80 @@ impl CodeWriter for ProcMem {
 struct ProcessCode {
     image: Image,
     mem: ProcMem,
+    /// XOL copies and trampolines (the optimizer calls `prepare_detour` with its lock held, from
+    /// inside `attach`, so the area has its own lock).
+    area: Mutex<XolArea>,
+    /// Where the area's executable view is, for the quiescence scan (immutable).
+    area_range: (u64, u64),
+    /// Freed trampolines, reusable (they were freed after a quiescence wait).
+    free_trampolines: Mutex<Vec<u64>>,
+    /// Jump ranges of prepared detours: a thread stopped strictly inside one must not resume
+    /// after its jump goes in (the quiescence scan reads this).
+    ranges: RangeTable,
+    /// Bytes of XSAVE state (CPUID.0DH:EBX), rounded up to 64; 0 if XSAVE is unavailable.
+    xsave_size: u32,
+    /// Per 64-byte block of the area: for an XOL copy, where it jumps back to (0 otherwise).
+    slot_resume: Box<[AtomicU64]>,
+    /// Trampolines whose jump was taken out (found in `patch`), until `free_detour`.
+    retiring: Box<[AtomicU64]>,
+}
+
+const RETIRING: usize = 1024;
+
+impl ProcessCode {
+    /// The quiescence test for one thread, from its signal handler: could it still be inside
+    /// code that the optimizer is about to overwrite or free? `rip` is where it was interrupted,
+    /// `tramp` the trampoline whose consumers it is running (and how deep).
+    ///
+    /// * strictly inside a prepared jump range (past its first byte): the jump would land in
+    ///   the middle of it when written;
+    /// * in an XOL copy that jumps back strictly inside a prepared jump range (same reason);
+    /// * in a retiring trampoline, or running consumers called from one (its return address is
+    ///   there).
+    ///
+    /// A thread in another probe's copy or a live trampoline is not inside: a busy program whose
+    /// threads keep hitting probes still quiesces.
+    fn inside(&self, rip: u64, tramp: (u64, u32)) -> bool {
+        if tramp.1 > 1 || (tramp.1 == 1 && self.is_retiring(tramp.0)) {
+            return true;
+        }
+        if self.ranges.inside(rip) {
+            return true;
+        }
+        let (lo, hi) = self.area_range;
+        if rip < lo || rip >= hi {
+            return false;
+        }
+        let block = ((rip - lo) / 64) as usize;
+        // Acquire pairs with the Release store in `Live::attach`.
+        let resume = self.slot_resume[block].load(Ordering::Acquire);
+        if resume != 0 {
+            return self.ranges.inside(resume);
+        }
+        // A trampoline block: which trampoline (they are TRAMPOLINE-aligned from `lo`)?
+        let start = lo + (rip - lo) / TRAMPOLINE as u64 * TRAMPOLINE as u64;
+        self.is_retiring(start)
+    }
+
+    fn is_retiring(&self, tramp: u64) -> bool {
+        // Acquire pairs with the Release store in `retire`.
+        self.retiring
+            .iter()
+            .any(|r| r.load(Ordering::Acquire) == tramp)
+    }
+
+    fn retire(&self, tramp: u64) {
+        if self.is_retiring(tramp) {
+            return;
+        }
+        for r in self.retiring.iter() {
+            if r.load(Ordering::Relaxed) == 0 {
+                // Release pairs with the Acquire in `is_retiring`.
+                r.store(tramp, Ordering::Release);
+                return;
+            }
+        }
+    }
 }
 
 impl CodeSpace for ProcessCode {
@@ -297,18 +371,81 @@ impl CodeSpace for ProcessCode {
         Ok(())
     }
 
-    fn prepare_detour(&self, _addr: u64) -> Result<Detour, NotOptimizable> {
-        Err(NotOptimizable::Unsupported)
+    fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
+        if self.xsave_size == 0 {
+            return Err(NotOptimizable::Unsupported);
+        }
+        let &(start, end, _) = self
+            .image
+            .function_at(addr)
+            .ok_or(NotOptimizable::TooShort)?;
+        let mut func = std::vec![0u8; (end - start) as usize];
+        self.image
+            .original(start, &mut func)
+            .ok_or(NotOptimizable::TooShort)?;
+        let range = crate::detour::analyze(&func, start, addr)?;
+        let at = match self
+            .free_trampolines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+        {
+            Some(at) => at,
+            None => {
+                let mut area = self.area.lock().unwrap_or_else(|e| e.into_inner());
+                area.alloc(TRAMPOLINE).ok_or(NotOptimizable::NoMemory)?
+            }
+        };
+        let (code, displaced) = trampoline(at, addr, self.xsave_size, &range)
+            .map_err(|_| NotOptimizable::OutOfReach)?;
+        let jump = range.jump_bytes(at).ok_or(NotOptimizable::OutOfReach)?;
+        if !self.ranges.insert(at, addr, addr + range.len() as u64) {
+            return Err(NotOptimizable::NoMemory);
+        }
+        self.area
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(at, &code);
+        Ok(Detour {
+            len: range.len() as u8,
+            jump,
+            trampoline: at,
+            displaced,
+        })
     }
 
-    fn free_detour(&self, _detour: &Detour) {}
+    fn free_detour(&self, detour: &Detour) {
+        // The optimizer calls this after a quiescence wait that followed the removal of every
+        // way into the trampoline: it can be reused.
+        self.ranges.remove(detour.trampoline);
+        for r in self.retiring.iter() {
+            if r.load(Ordering::Relaxed) == detour.trampoline {
+                // Relaxed: only this (the optimizer's) thread writes the table.
+                r.store(0, Ordering::Relaxed);
+            }
+        }
+        self.free_trampolines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(detour.trampoline);
+    }
 
     fn patch(&self, batch: &[Patch]) {
+        // A jump going out cuts its trampoline off: from now until it is freed, a thread found
+        // inside it keeps the quiescence wait waiting.
+        for p in batch {
+            if let ([crate::JMP_REL32, a, b, c, d, ..], [n, ..]) = (p.old(), p.new_bytes())
+                && *n != crate::JMP_REL32
+            {
+                let rel = i32::from_le_bytes([*a, *b, *c, *d]);
+                self.retire(p.addr.wrapping_add(5).wrapping_add(rel as i64 as u64));
+            }
+        }
         patch_batch(&self.mem, batch);
     }
 
     fn quiesce(&self) {
-        let _ = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
+        quiesce(self);
     }
 }
 
@@ -388,28 +525,47 @@ impl XolArea {
         })
     }
 
+    /// Reserves `len` bytes (a power of two, at least 64), aligned to `len` from the area's
+    /// start (so the quiescence scan finds a trampoline's start from any address inside it), and
+    /// returns their executable address.
+    fn alloc(&mut self, len: usize) -> Option<u64> {
+        let start = self.next.next_multiple_of(len);
+        if start + len > self.len {
+            return None;
+        }
+        self.next = start + len;
+        Some(self.rx + start as u64)
+    }
+
+    /// Writes `bytes` at executable address `at` (reserved by `alloc`), through the alias.
+    ///
+    /// The caller guarantees no thread executes `[at, at + len)` now: a fresh reservation is
+    /// published only after this write (XolMap's Release store, or the optimizer's patch that
+    /// writes the jump to it), and a freed trampoline is reused only after a quiescence wait.
+    fn write(&mut self, at: u64, bytes: &[u8]) {
+        let off = (at - self.rx) as usize;
+        assert!(off + bytes.len() <= self.len, "write outside the XOL area");
+        // SAFETY: in bounds of the alias mapping (checked); nobody executes it (above).
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.rw.add(off), bytes.len()) };
+    }
+
     /// Writes `copy` (made for the next slot's address) and returns that address.
     fn push(
         &mut self,
         make: impl FnOnce(u64) -> Result<xol::XolCopy, Refusal>,
     ) -> Result<u64, LiveError> {
-        if self.next + XOL_SLOT > self.len {
-            return Err(LiveError::Full);
+        let at = self.alloc(XOL_SLOT).ok_or(LiveError::Full)?;
+        match make(at) {
+            Ok(copy) => {
+                self.write(at, copy.bytes());
+                Ok(at)
+            }
+            Err(e) => {
+                // Give the fresh slot back: nothing references it.
+                self.next = (at - self.rx) as usize;
+                Err(LiveError::Refused(e))
+            }
         }
-        let at = self.rx + self.next as u64;
-        let copy = make(at).map_err(LiveError::Refused)?;
-        // SAFETY: in bounds of the alias mapping; the slot is fresh, so no thread executes it
-        // yet (it is published to the handler only after this write, through the XolMap's
-        // Release store).
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                copy.bytes().as_ptr(),
-                self.rw.add(self.next),
-                copy.bytes().len(),
-            );
-        }
-        self.next += XOL_SLOT;
-        Ok(at)
     }
 }
 
@@ -466,7 +622,10 @@ impl XolMap {
     }
 }
 
-/// A pooled pair of RCU readers (one per domain), claimed by a handler with one swap.
+/// A pooled pair of RCU readers (one per domain), claimed by a hit with one swap. Each on its
+/// own cache lines, and each thread starts from the entry it used last: in the common case a hit
+/// writes only lines no other thread writes.
+#[repr(align(128))]
 struct Pooled {
     busy: AtomicBool,
     opt: <SlotRcu as Rcu>::Reader<'static>,
@@ -479,10 +638,8 @@ const POOL: usize = 256;
 type Opt = Optimizer<ProcessCode, SlotRcu>;
 type Reg = Registry<Consumer, SlotRcu>;
 
-/// Writer state, under the writer mutex.
-struct Writer {
-    xol: XolArea,
-}
+/// Serializes attach/detach/run_optimizer (the handler never takes it).
+struct Writer;
 
 /// The live embedding. One per process: [`Live::install`].
 pub struct Live {
@@ -501,6 +658,14 @@ unsafe impl Sync for Live {}
 unsafe impl Send for Live {}
 
 static LIVE: OnceLock<&'static Live> = OnceLock::new();
+
+std::thread_local! {
+    /// The pool entry this thread used last (a hint; any free entry will do).
+    static POOL_HINT: core::cell::Cell<usize> = const { core::cell::Cell::new(usize::MAX) };
+    /// The trampoline whose consumers this thread is running (its return address is inside it),
+    /// and how deep such calls are nested: the quiescence scan counts the thread as inside it.
+    static IN_TRAMPOLINE: core::cell::Cell<(u64, u32)> = const { core::cell::Cell::new((0, 0)) };
+}
 
 /// A probe attached by [`Live::attach`]; give it back to [`Live::detach`].
 #[derive(Clone)]
@@ -544,6 +709,7 @@ impl Live {
         let image = Image::load()?;
         let near = image.functions.first().map_or(0, |f| f.0);
         let xol = XolArea::map(near)?;
+        let area_range = (xol.rx, xol.rx + xol.len as u64);
         let mem = File::options()
             .read(true)
             .write(true)
@@ -553,6 +719,13 @@ impl Live {
             ProcessCode {
                 image,
                 mem: ProcMem(mem),
+                area: Mutex::new(xol),
+                area_range,
+                free_trampolines: Mutex::new(Vec::new()),
+                ranges: RangeTable::new(),
+                xsave_size: xsave_size(),
+                slot_resume: (0..XOL_AREA / 64).map(|_| AtomicU64::new(0)).collect(),
+                retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
             },
             SlotRcu::new(),
         )));
@@ -577,7 +750,7 @@ impl Live {
             reg,
             pool: pool.into_boxed_slice(),
             xol_map: XolMap::new(),
-            writer: Mutex::new(Writer { xol }),
+            writer: Mutex::new(Writer),
             previous,
             hits: AtomicU64::new(0),
         }));
@@ -589,7 +762,17 @@ impl Live {
             sa.sa_sigaction = on_sigtrap as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
+            // The quiescence signal waits while a SIGTRAP handler runs: its answer then names
+            // the RIP the trap handler chose (an XOL copy, a trampoline), never a stale one.
+            libc::sigaddset(&mut sa.sa_mask, quiesce_signal());
             if libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) != 0 {
+                return Err(os("sigaction"));
+            }
+            let mut q: libc::sigaction = core::mem::zeroed();
+            q.sa_sigaction = on_quiesce as *const () as usize;
+            q.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut q.sa_mask);
+            if libc::sigaction(quiesce_signal(), &q, core::ptr::null_mut()) != 0 {
                 return Err(os("sigaction"));
             }
         }
@@ -624,7 +807,7 @@ impl Live {
     /// executable's symbol table. Hits on any thread run it from then on, until
     /// [`Live::detach`].
     pub fn attach(&self, addr: u64, consumer: Arc<Consumer>) -> Result<Attached, LiveError> {
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let space = self.opt.space();
         space.check_boundary(addr)?;
         let key = ProbeKey {
@@ -637,11 +820,19 @@ impl Live {
             let n = ((end - addr) as usize).min(insn::MAX_INSN);
             space.read_original(addr, &mut orig[..n])?;
             let i = Insn::decode(&orig[..n], addr).map_err(LiveError::Refused)?;
-            let slot = w.xol.push(|at| xol::prepare(&i, at))?;
+            let slot = space
+                .area
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(|at| xol::prepare(&i, at))?;
+            let block = ((slot - space.area_range.0) / 64) as usize;
+            // Release pairs with the Acquire in `ProcessCode::inside`.
+            space.slot_resume[block].store(i.next(), Ordering::Release);
             self.xol_map.insert(addr, slot)?;
         }
         self.reg.register(key, consumer.clone())?;
-        if let Err(e) = self.opt.register(addr) {
+        let armed = self.opt.register(addr);
+        if let Err(e) = armed {
             let _ = self.reg.unregister(&key, &consumer);
             self.reg.sync();
             return Err(e.into());
@@ -672,11 +863,23 @@ impl Live {
     }
 
     fn claim(&self) -> &Pooled {
+        // A const-initialized thread-local: no allocation, safe in a signal handler.
+        let hint = POOL_HINT.with(|h| h.get());
+        let start = if hint == usize::MAX {
+            // SAFETY: gettid has no preconditions (and is async-signal-safe).
+            let tid = unsafe { libc::gettid() };
+            tid as usize
+        } else {
+            hint
+        } % POOL;
         loop {
-            for p in self.pool.iter() {
+            for k in 0..POOL {
+                let i = (start + k) % POOL;
+                let p = &self.pool[i];
                 // Acquire pairs with the Release store in `release`: the previous user's reads
                 // are done.
                 if !p.busy.swap(true, Ordering::Acquire) {
+                    POOL_HINT.with(|h| h.set(i));
                     return p;
                 }
             }
@@ -684,9 +887,348 @@ impl Live {
         }
     }
 
+    /// Runs the consumers of the probe at `addr` (hit path: lock-free, allocation-free).
+    fn run_consumers(&self, reader: &<SlotRcu as Rcu>::Reader<'static>, addr: u64, regs: &Regs) {
+        let space = self.opt.space();
+        let Some(offset) = space.image.file_offset(addr) else {
+            return;
+        };
+        let key = ProbeKey {
+            object: ObjectId(space.image.inode),
+            offset,
+        };
+        let read = self.reg.read(reader);
+        if let Some(p) = read.lookup(&key) {
+            for c in p.consumers() {
+                c(regs);
+            }
+        }
+    }
+
+    /// Turns queued probes into jumps (and jumps of detached probes back), in one batch:
+    /// kprobes' delayed optimizer. Attach queues, this applies. Call it from a timer thread, or
+    /// after a burst of attaches.
+    pub fn run_optimizer(&self) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.opt.wait_for_optimizer();
+    }
+
+    /// Whether the probe at `addr` is a jump now.
+    pub fn is_optimized(&self, addr: u64) -> bool {
+        self.opt.state(addr).is_ok_and(|s| s.optimized)
+    }
+
     fn release(p: &Pooled) {
         // Release pairs with the Acquire swap in `claim`.
         p.busy.store(false, Ordering::Release);
+    }
+}
+
+/// Prepared jump ranges, keyed by their trampoline: written by the optimizer's thread, read by
+/// the quiescence signal handler (lock-free).
+///
+/// # Invariants
+///
+/// * INVARIANT: an entry's `start`/`end` are stored before its `tramp` key (Release) and the key
+///   is cleared before they are reused.
+struct RangeTable {
+    tramp: Box<[AtomicU64]>,
+    start: Box<[AtomicU64]>,
+    end: Box<[AtomicU64]>,
+}
+
+const RANGES: usize = 4096;
+
+impl RangeTable {
+    fn new() -> Self {
+        let v = || (0..RANGES).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            tramp: v(),
+            start: v(),
+            end: v(),
+        }
+    }
+    /// Writers only (the optimizer's lock serializes them).
+    fn insert(&self, tramp: u64, start: u64, end: u64) -> bool {
+        for i in 0..RANGES {
+            if self.tramp[i].load(Ordering::Relaxed) == 0 {
+                // Relaxed: published by the Release store of the key below.
+                self.start[i].store(start, Ordering::Relaxed);
+                self.end[i].store(end, Ordering::Relaxed);
+                // INVARIANT: bounds first. Release pairs with the Acquire in `inside`.
+                self.tramp[i].store(tramp, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+    fn remove(&self, tramp: u64) {
+        for k in self.tramp.iter() {
+            if k.load(Ordering::Relaxed) == tramp {
+                // Relaxed: the scan that follows any reuse runs after a quiescence wait's
+                // synchronization (signals and SeqCst counters).
+                k.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+    /// Is `rip` strictly inside a prepared jump range (past its first byte)?
+    fn inside(&self, rip: u64) -> bool {
+        (0..RANGES).any(|i| {
+            // Acquire pairs with the Release store in `insert`.
+            self.tramp[i].load(Ordering::Acquire) != 0
+                && rip > self.start[i].load(Ordering::Relaxed)
+                && rip < self.end[i].load(Ordering::Relaxed)
+        })
+    }
+}
+
+/// Bytes reserved per trampoline.
+const TRAMPOLINE: usize = 512;
+
+/// The registers a trampoline saves, in the order its pushes leave them in memory.
+#[repr(C)]
+struct Saved {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rdi: u64,
+    rsi: u64,
+    rbp: u64,
+    rbx: u64,
+    rdx: u64,
+    rcx: u64,
+    rax: u64,
+    rflags: u64,
+}
+
+/// The red zone below RSP that leaf code may use at any instruction boundary (SysV x86-64).
+const RED_ZONE: u64 = 128;
+
+/// A trampoline at `at` for the jump range at `addr`: returns its code and the address of its
+/// displaced-instructions entry.
+///
+/// ```text
+/// at:        lea rsp, [rsp-128]          ; step over the red zone (no flags change)
+///            pushfq ; push rax … r15     ; the `Saved` frame
+///            cld ; mov rbx, rsp ; and rsp, -64 ; sub rsp, xsave_size
+///            zero the XSAVE header ; xsave64 [rsp] (all components: the consumers may use
+///            SSE/AVX, the interrupted code may hold live vector registers)
+///            mov rdi, rbx ; movabs rsi, addr ; movabs rdx, at ; movabs rax, trampoline_entry
+///            call rax
+///            xrstor64 [rsp] ; mov rsp, rbx ; pop r15 … rax ; popfq ; lea rsp, [rsp+128]
+/// displaced: the covered instructions, relocated ; jmp addr + len
+/// ```
+fn trampoline(
+    at: u64,
+    addr: u64,
+    xsave_size: u32,
+    range: &crate::detour::JumpRange,
+) -> Result<(Vec<u8>, u64), Refusal> {
+    let mut c: Vec<u8> = Vec::with_capacity(TRAMPOLINE);
+    c.extend_from_slice(&[0x48, 0x8D, 0x64, 0x24, 0x80]); // lea rsp, [rsp-128]
+    c.push(0x9C); // pushfq
+    c.extend_from_slice(&[0x50, 0x51, 0x52, 0x53, 0x55, 0x56, 0x57]); // rax rcx rdx rbx rbp rsi rdi
+    for r in 0..8u8 {
+        c.extend_from_slice(&[0x41, 0x50 + r]); // r8 … r15
+    }
+    c.push(0xFC); // cld
+    c.extend_from_slice(&[0x48, 0x89, 0xE3]); // mov rbx, rsp
+    c.extend_from_slice(&[0x48, 0x83, 0xE4, 0xC0]); // and rsp, -64
+    c.extend_from_slice(&[0x48, 0x81, 0xEC]); // sub rsp, imm32
+    c.extend_from_slice(&xsave_size.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x8D, 0xBC, 0x24, 0x00, 0x02, 0x00, 0x00]); // lea rdi, [rsp+512]
+    c.extend_from_slice(&[0x31, 0xC0]); // xor eax, eax
+    c.extend_from_slice(&[0xB9, 0x40, 0, 0, 0]); // mov ecx, 64
+    c.extend_from_slice(&[0xF3, 0xAA]); // rep stosb
+    c.extend_from_slice(&[0xB8, 0xFF, 0xFF, 0xFF, 0xFF]); // mov eax, -1
+    c.extend_from_slice(&[0xBA, 0xFF, 0xFF, 0xFF, 0xFF]); // mov edx, -1
+    c.extend_from_slice(&[0x48, 0x0F, 0xAE, 0x24, 0x24]); // xsave64 [rsp]
+    c.extend_from_slice(&[0x48, 0x89, 0xDF]); // mov rdi, rbx
+    c.extend_from_slice(&[0x48, 0xBE]); // movabs rsi, addr
+    c.extend_from_slice(&addr.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0xBA]); // movabs rdx, at
+    c.extend_from_slice(&at.to_le_bytes());
+    c.extend_from_slice(&[0x48, 0xB8]); // movabs rax, trampoline_entry
+    c.extend_from_slice(&(trampoline_entry as *const () as u64).to_le_bytes());
+    c.extend_from_slice(&[0xFF, 0xD0]); // call rax
+    c.extend_from_slice(&[0xB8, 0xFF, 0xFF, 0xFF, 0xFF]); // mov eax, -1
+    c.extend_from_slice(&[0xBA, 0xFF, 0xFF, 0xFF, 0xFF]); // mov edx, -1
+    c.extend_from_slice(&[0x48, 0x0F, 0xAE, 0x2C, 0x24]); // xrstor64 [rsp]
+    c.extend_from_slice(&[0x48, 0x89, 0xDC]); // mov rsp, rbx
+    for r in (0..8u8).rev() {
+        c.extend_from_slice(&[0x41, 0x58 + r]); // pop r15 … r8
+    }
+    c.extend_from_slice(&[0x5F, 0x5E, 0x5D, 0x5B, 0x5A, 0x59, 0x58]); // rdi rsi rbp rbx rdx rcx rax
+    c.push(0x9D); // popfq
+    c.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0, 0, 0]); // lea rsp, [rsp+128]
+    let displaced = at + c.len() as u64;
+    c.extend_from_slice(range.displaced(displaced)?.bytes());
+    if c.len() > TRAMPOLINE {
+        return Err(Refusal::TooLong);
+    }
+    Ok((c, displaced))
+}
+
+/// Called by every trampoline (sysv64: `saved` in RDI, the probe's address in RSI, the
+/// trampoline's own address in RDX), on the probed thread's stack with its registers saved.
+extern "sysv64" fn trampoline_entry(saved: *mut Saved, addr: u64, tramp: u64) {
+    let Some(live) = LIVE.get().copied() else {
+        return;
+    };
+    let outer = IN_TRAMPOLINE.with(|t| t.replace((tramp, t.get().1 + 1)));
+    // SAFETY: the trampoline passes a pointer to the frame it just pushed.
+    let s = unsafe { &*saved };
+    let pooled = live.claim();
+    {
+        let guard = live.opt.rcu().read_lock(&pooled.opt);
+        if live.opt.on_trampoline(&guard, addr) {
+            let regs = Regs {
+                rax: s.rax,
+                rbx: s.rbx,
+                rcx: s.rcx,
+                rdx: s.rdx,
+                rsi: s.rsi,
+                rdi: s.rdi,
+                rbp: s.rbp,
+                // Where RSP was at the probe: above the frame and the red zone.
+                rsp: saved as u64 + core::mem::size_of::<Saved>() as u64 + RED_ZONE,
+                r8: s.r8,
+                r9: s.r9,
+                r10: s.r10,
+                r11: s.r11,
+                r12: s.r12,
+                r13: s.r13,
+                r14: s.r14,
+                r15: s.r15,
+                rip: addr,
+                rflags: s.rflags,
+            };
+            live.run_consumers(&pooled.reg, addr, &regs);
+        }
+    }
+    Live::release(pooled);
+    IN_TRAMPOLINE.with(|t| t.set(outer));
+}
+
+/// XSAVE area size for every enabled component (CPUID.(EAX=0DH, ECX=0):EBX), rounded up to 64;
+/// 0 if the CPU or OS has no XSAVE (then no probe is optimized).
+fn xsave_size() -> u32 {
+    let l1 = core::arch::x86_64::__cpuid(1);
+    let xsave_and_osxsave = (1 << 26) | (1 << 27);
+    if l1.ecx & xsave_and_osxsave != xsave_and_osxsave {
+        return 0;
+    }
+    // Leaf 0xD exists when XSAVE is supported.
+    let d = core::arch::x86_64::__cpuid_count(0xD, 0);
+    d.ebx.div_ceil(64) * 64
+}
+
+/// The signal the quiescence scan sends to every other thread.
+fn quiesce_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 7
+}
+
+/// The scan's round: (round number << 32) | answers, and the busy answers of that round.
+static SCAN: AtomicU64 = AtomicU64::new(0);
+static SCAN_BUSY: AtomicU64 = AtomicU64::new(0);
+
+/// Runs on each thread the scan signals: is this thread inside code that is being replaced or
+/// freed? Answers only for the round named in the signal's value.
+extern "C" fn on_quiesce(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    let Some(live) = LIVE.get().copied() else {
+        return;
+    };
+    // SAFETY: the kernel passes valid siginfo/ucontext to an SA_SIGINFO handler; the value was
+    // sent by `scan` with rt_tgsigqueueinfo.
+    let (round, rip) = unsafe {
+        (
+            (*info).si_value().sival_ptr as u64,
+            (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] as u64,
+        )
+    };
+    let busy = live
+        .opt
+        .space()
+        .inside(rip, IN_TRAMPOLINE.with(|t| t.get()));
+    if busy {
+        SCAN_BUSY.fetch_add(1, Ordering::SeqCst);
+    }
+    let mut cur = SCAN.load(Ordering::SeqCst);
+    while cur >> 32 == round {
+        match SCAN.compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => break,
+            Err(c) => cur = c,
+        }
+    }
+}
+
+/// One scan: signals every other thread of the process and waits for their answers. Returns
+/// `true` if all answered and none was inside.
+fn scan() -> bool {
+    // SAFETY: getpid/gettid have no preconditions.
+    let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
+    let round = (SCAN.load(Ordering::SeqCst) >> 32) + 1;
+    SCAN_BUSY.store(0, Ordering::SeqCst);
+    SCAN.store(round << 32, Ordering::SeqCst);
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    let mut sent = 0u64;
+    for t in tasks.flatten() {
+        let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if tid == me {
+            continue;
+        }
+        // SAFETY: a zeroed siginfo with the fields rt_tgsigqueueinfo reads filled in.
+        let r = unsafe {
+            let mut si: libc::siginfo_t = core::mem::zeroed();
+            si.si_signo = quiesce_signal();
+            si.si_code = libc::SI_QUEUE;
+            // si_pid/si_uid/si_value sit after the three ints; write the value through the
+            // sigqueue layout: { si_pid: i32, si_uid: u32, si_value: sigval }.
+            let base = (&mut si as *mut libc::siginfo_t).cast::<u8>().add(16);
+            base.cast::<i32>().write(pid);
+            base.add(4).cast::<u32>().write(libc::getuid());
+            base.add(8).cast::<u64>().write(round);
+            libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, quiesce_signal(), &si)
+        };
+        if r == 0 {
+            sent += 1;
+        }
+    }
+    // Threads answer from their handler; a thread that exits meanwhile never does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+    while SCAN.load(Ordering::SeqCst) & 0xFFFF_FFFF < sent {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    SCAN_BUSY.load(Ordering::SeqCst) == 0
+}
+
+/// The quiescence wait: membarrier (every thread serializes), then scans until a round in which
+/// every other thread answered from outside the XOL area, outside every prepared jump range's
+/// interior, and not inside consumers called from a trampoline. The calling thread is outside by
+/// construction (it is running the optimizer).
+fn quiesce(space: &ProcessCode) {
+    let _ = space;
+    let _ = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
+    static SCANNING: Mutex<()> = Mutex::new(());
+    let _one = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
+    while !scan() {
+        std::thread::sleep(std::time::Duration::from_micros(50));
     }
 }
 
@@ -738,20 +1280,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
         match live.opt.on_breakpoint(&guard, addr) {
             Trap::Probe { fire, then } => {
                 if fire {
-                    let regs = regs_of(gregs, addr);
-                    let space = live.opt.space();
-                    if let Some(offset) = space.image.file_offset(addr) {
-                        let key = ProbeKey {
-                            object: ObjectId(space.image.inode),
-                            offset,
-                        };
-                        let read = live.reg.read(&pooled.reg);
-                        if let Some(p) = read.lookup(&key) {
-                            for c in p.consumers() {
-                                c(&regs);
-                            }
-                        }
-                    }
+                    live.run_consumers(&pooled.reg, addr, &regs_of(gregs, addr));
                 }
                 match then {
                     Then::Step => live.xol_map.get(addr),

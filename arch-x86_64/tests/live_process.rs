@@ -114,6 +114,7 @@ fn a_foreign_int3_reaches_the_programs_handler() {
 fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
+    let mut optimized = 0;
     for (name, f, insns) in [
         // mov eax, [rip+d] (6) ; add rax, rdi (3) ; ret
         (
@@ -140,16 +141,34 @@ fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
             );
             // SAFETY: as above.
             let got: Vec<u64> = (0..4).map(|i| unsafe { f(i) }).collect();
-            assert_eq!(got, want, "{name}+{off}");
+            assert_eq!(got, want, "{name}+{off}: breakpoint path");
             assert_eq!(
                 n.load(Ordering::Relaxed),
                 4,
+                "{name}+{off}: one hit per call"
+            );
+            // The jump path, where the arch analysis allows one.
+            live.run_optimizer();
+            let jumped = live.is_optimized(start + off);
+            if jumped {
+                assert_eq!(code(start + off, 1), [0xE9], "{name}+{off}: jump in place");
+                optimized += 1;
+            }
+            // SAFETY: as above.
+            let got: Vec<u64> = (0..4).map(|i| unsafe { f(i) }).collect();
+            assert_eq!(got, want, "{name}+{off}: jump path ({jumped})");
+            assert_eq!(
+                n.load(Ordering::Relaxed),
+                8,
                 "{name}+{off}: one hit per call"
             );
             live.detach(a).unwrap();
             assert_eq!(code(start, 15), original, "{name}: bytes restored");
         }
     }
+    // riprel+0 (a RIP-relative load), call+0, call+1, call+8 (a relative call, last in its
+    // range) become jumps; the rest end their function too soon for 5 bytes.
+    assert_eq!(optimized, 4);
     // Not an instruction boundary.
     let (_, c) = counter();
     assert!(live.attach_symbol("live_t_riprel", 1, c).is_err());
@@ -221,6 +240,11 @@ fn consumers_see_exactly_the_hits_while_attached() {
         ROUND.fetch_add(1, Ordering::SeqCst);
         let t0 = CLOCK.fetch_add(1, Ordering::SeqCst);
         let a = live.attach(start + off, c).unwrap();
+        if round % 4 == 0 {
+            // The jump path for part of the window (offset 0 is optimizable).
+            live.run_optimizer();
+            assert!(live.is_optimized(start));
+        }
         let t1 = CLOCK.fetch_add(1, Ordering::SeqCst);
         std::thread::sleep(std::time::Duration::from_millis(3));
         let t2 = CLOCK.fetch_add(1, Ordering::SeqCst);
