@@ -52,6 +52,7 @@ use crate::insn::{self, Insn, Refusal};
 use crate::live_patch::{CodeWriter, patch_batch};
 use crate::xol;
 use probe_core::arch::{CodeSpace, Detour, NotOptimizable, Patch};
+use probe_core::mm::{AddressSpace, AddressSpaceOps, MmId};
 use probe_core::optimizer::{Optimizer, Then, Trap};
 use probe_core::probe::{ObjectId, ProbeKey};
 use probe_core::rcu::{Rcu, SlotRcu};
@@ -177,9 +178,8 @@ impl Image {
     fn load() -> Result<Self, LiveError> {
         use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
         let exe = |e: &dyn fmt::Display| LiveError::Executable(e.to_string());
-        let inode = std::fs::metadata("/proc/self/exe")
-            .map_err(|e| exe(&e))?
-            .ino();
+        let meta = std::fs::metadata("/proc/self/exe").map_err(|e| exe(&e))?;
+        let inode = object_id(libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino()).0;
         let bytes = std::fs::read("/proc/self/exe").map_err(|e| exe(&e))?;
         let obj = object::File::parse(&*bytes).map_err(|e| exe(&e))?;
         let segments: Vec<(u64, u64, u64)> = obj
@@ -195,7 +195,7 @@ impl Image {
             .lines()
             .find_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                let ino: u64 = f.get(4)?.parse().ok()?;
+                let ino = parse_maps_line(l)?.object.0;
                 let off = u64::from_str_radix(f.get(2)?, 16).ok()?;
                 let start = u64::from_str_radix(f.first()?.split('-').next()?, 16).ok()?;
                 (ino == inode && off == 0).then_some(start)
@@ -246,6 +246,48 @@ impl Image {
     }
 }
 
+/// An object's identity: its device and inode, folded into one `u64` (device numbers in the top
+/// 24 bits, the inode in the low 40 — inodes of real filesystems stay far below 2⁴⁰).
+fn object_id(major: u32, minor: u32, inode: u64) -> ObjectId {
+    ObjectId(
+        (u64::from(major & 0xFFF) << 52)
+            | (u64::from(minor & 0xFFF) << 40)
+            | (inode & ((1 << 40) - 1)),
+    )
+}
+
+/// One file-backed line of `/proc/self/maps`: `start-end perms offset major:minor inode path`.
+fn parse_maps_line(l: &str) -> Option<probe_core::mm::VmaInfo> {
+    use probe_core::mm::{VmFlags, VmaInfo};
+    let f: Vec<&str> = l.split_whitespace().collect();
+    let (lo, hi) = f.first()?.split_once('-')?;
+    let perms = f.get(1)?.as_bytes();
+    let pgoff = u64::from_str_radix(f.get(2)?, 16).ok()?;
+    let (major, minor) = f.get(3)?.split_once(':')?;
+    let inode: u64 = f.get(4)?.parse().ok()?;
+    if inode == 0 {
+        return None;
+    }
+    let mut flags = VmFlags::NONE;
+    if perms.get(2) == Some(&b'x') {
+        flags = flags | VmFlags::EXEC;
+    }
+    if perms.get(3) == Some(&b's') {
+        flags = flags | VmFlags::SHARED;
+    }
+    Some(VmaInfo {
+        start: u64::from_str_radix(lo, 16).ok()?,
+        end: u64::from_str_radix(hi, 16).ok()?,
+        pgoff,
+        flags,
+        object: object_id(
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+            inode,
+        ),
+    })
+}
+
 /// Writes code through `/proc/self/mem`; syncs cores with membarrier.
 struct ProcMem(File);
 
@@ -282,6 +324,10 @@ struct ProcessCode {
     slot_resume: Box<[AtomicU64]>,
     /// Trampolines whose jump was taken out (found in `patch`), until `free_detour`.
     retiring: Box<[AtomicU64]>,
+    /// Statistics (Relaxed counters, writer side only).
+    trampolines_made: AtomicU64,
+    trampolines_reused: AtomicU64,
+    trampolines_freed: AtomicU64,
 }
 
 const RETIRING: usize = 1024;
@@ -384,13 +430,19 @@ impl CodeSpace for ProcessCode {
             .original(start, &mut func)
             .ok_or(NotOptimizable::TooShort)?;
         let range = crate::detour::analyze(&func, start, addr)?;
-        let at = match self
+        let reused = self
             .free_trampolines
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .pop()
-        {
-            Some(at) => at,
+            .pop();
+        // Relaxed: statistics.
+        self.trampolines_made.fetch_add(1, Ordering::Relaxed);
+        let at = match reused {
+            Some(at) => {
+                // Relaxed: statistics.
+                self.trampolines_reused.fetch_add(1, Ordering::Relaxed);
+                at
+            }
             None => {
                 let mut area = self.area.lock().unwrap_or_else(|e| e.into_inner());
                 area.alloc(TRAMPOLINE).ok_or(NotOptimizable::NoMemory)?
@@ -428,6 +480,8 @@ impl CodeSpace for ProcessCode {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(detour.trampoline);
+        // Relaxed: statistics.
+        self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
     }
 
     fn patch(&self, batch: &[Patch]) {
@@ -648,6 +702,9 @@ pub struct Live {
     pool: Box<[Pooled]>,
     xol_map: XolMap,
     writer: Mutex<Writer>,
+    /// The process's file mappings, from `/proc/self/maps`: the hit path resolves an address to
+    /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free.
+    mm: AddressSpace,
     previous: libc::sigaction,
     hits: AtomicU64,
 }
@@ -665,6 +722,9 @@ std::thread_local! {
     /// The trampoline whose consumers this thread is running (its return address is inside it),
     /// and how deep such calls are nested: the quiescence scan counts the thread as inside it.
     static IN_TRAMPOLINE: core::cell::Cell<(u64, u32)> = const { core::cell::Cell::new((0, 0)) };
+    /// Set while this thread writes the address-space model: a trap taken by this very thread
+    /// then must not wait for the write to end (it never would).
+    static IN_MM_WRITE: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
 }
 
 /// A probe attached by [`Live::attach`]; give it back to [`Live::detach`].
@@ -726,6 +786,9 @@ impl Live {
                 xsave_size: xsave_size(),
                 slot_resume: (0..XOL_AREA / 64).map(|_| AtomicU64::new(0)).collect(),
                 retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
+                trampolines_made: AtomicU64::new(0),
+                trampolines_reused: AtomicU64::new(0),
+                trampolines_freed: AtomicU64::new(0),
             },
             SlotRcu::new(),
         )));
@@ -751,9 +814,11 @@ impl Live {
             pool: pool.into_boxed_slice(),
             xol_map: XolMap::new(),
             writer: Mutex::new(Writer),
+            mm: AddressSpace::new(MmId(1)),
             previous,
             hits: AtomicU64::new(0),
         }));
+        live.refresh_locked()?;
         // Publish before the handler can run.
         let _ = LIVE.set(live);
         // SAFETY: installing a handler that follows the rules in the module docs.
@@ -810,10 +875,8 @@ impl Live {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let space = self.opt.space();
         space.check_boundary(addr)?;
-        let key = ProbeKey {
-            object: ObjectId(space.image.inode),
-            offset: space.image.file_offset(addr).ok_or(LiveError::NoSymbol)?,
-        };
+        self.refresh_locked()?;
+        let key = self.key_at(addr).ok_or(LiveError::NoSymbol)?;
         if self.xol_map.get(addr).is_none() {
             let mut orig = [0u8; insn::MAX_INSN];
             let end = space.image.function_at(addr).map_or(addr, |f| f.1);
@@ -856,6 +919,17 @@ impl Live {
         Ok(())
     }
 
+    /// Trampolines prepared, of them reused after a quiescence wait, and freed so far.
+    pub fn trampoline_stats(&self) -> (u64, u64, u64) {
+        let s = self.opt.space();
+        // Relaxed: statistics.
+        (
+            s.trampolines_made.load(Ordering::Relaxed),
+            s.trampolines_reused.load(Ordering::Relaxed),
+            s.trampolines_freed.load(Ordering::Relaxed),
+        )
+    }
+
     /// Breakpoint hits answered by the handler so far (ours, not the program's).
     pub fn hits(&self) -> u64 {
         // Relaxed: a statistic.
@@ -889,13 +963,8 @@ impl Live {
 
     /// Runs the consumers of the probe at `addr` (hit path: lock-free, allocation-free).
     fn run_consumers(&self, reader: &<SlotRcu as Rcu>::Reader<'static>, addr: u64, regs: &Regs) {
-        let space = self.opt.space();
-        let Some(offset) = space.image.file_offset(addr) else {
+        let Some(key) = self.key_of(reader, addr) else {
             return;
-        };
-        let key = ProbeKey {
-            object: ObjectId(space.image.inode),
-            offset,
         };
         let read = self.reg.read(reader);
         if let Some(p) = read.lookup(&key) {
@@ -903,6 +972,83 @@ impl Live {
                 c(regs);
             }
         }
+    }
+
+    /// The (object, file offset) mapped executable at `addr`, by speculation on the address-space
+    /// model (hit path: lock-free, allocation-free).
+    ///
+    /// The kernel falls back to taking the mm lock when speculation fails; a signal handler may
+    /// not (the interrupted thread may hold it). Here a failed speculation is retried: the only
+    /// writer is `refresh_mappings`, a short write section on an ordinary thread that never
+    /// waits for a trap handler, so the retry ends. The one thread that cannot wait for it — the
+    /// writer itself, trapping inside its own write section — uses the executable's static
+    /// mapping, computed from its ELF segments, instead.
+    fn key_of(&self, reader: &<SlotRcu as Rcu>::Reader<'static>, addr: u64) -> Option<ProbeKey> {
+        if IN_MM_WRITE.with(|w| w.get()) {
+            let space = self.opt.space();
+            return Some(ProbeKey {
+                object: ObjectId(space.image.inode),
+                offset: space.image.file_offset(addr)?,
+            });
+        }
+        loop {
+            // The model's VMAs and handles are freed through the registry's domain: hold one of
+            // its read sections while speculating.
+            let _guard = self.reg.rcu().read_lock(reader);
+            let Some(mut spec) = self.mm.speculate_begin() else {
+                core::hint::spin_loop();
+                continue;
+            };
+            let found = self.mm.speculate_find(&mut spec, addr);
+            if self.mm.speculate_validate(&spec) {
+                return found.map(|(object, offset)| ProbeKey { object, offset });
+            }
+        }
+    }
+
+    /// Re-reads `/proc/self/maps` into the address-space model if the file mappings changed
+    /// (called by `attach`; call it after `dlopen`).
+    pub fn refresh_mappings(&self) -> Result<(), LiveError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh_locked()
+    }
+
+    fn refresh_locked(&self) -> Result<(), LiveError> {
+        let maps = std::fs::read_to_string("/proc/self/maps")
+            .map_err(|e| LiveError::Executable(e.to_string()))?;
+        let want: Vec<probe_core::mm::VmaInfo> = maps.lines().filter_map(parse_maps_line).collect();
+        if self.mm.mappings() == want {
+            return Ok(());
+        }
+        // Apply the difference only: a mapping that did not change is never taken out, so a hit
+        // resolving in it never finds it missing between two write sections (a clear-and-refill
+        // did exactly that; the exact-hit test caught it).
+        let have = self.mm.mappings();
+        IN_MM_WRITE.with(|w| w.set(true));
+        let result = (|| {
+            let w = self.mm.write();
+            let rcu = self.reg.rcu();
+            for m in have.iter().filter(|m| !want.contains(m)) {
+                w.unmap(rcu, m.start, m.end - m.start)?;
+            }
+            for m in want.iter().filter(|m| !have.contains(m)) {
+                w.map(rcu, m.start, m.end - m.start, m.pgoff, m.object, m.flags)?;
+            }
+            Ok::<(), probe_core::Error>(())
+        })();
+        IN_MM_WRITE.with(|w| w.set(false));
+        result.map_err(LiveError::Core)
+    }
+
+    /// The (object, file offset) key the address-space model gives `addr` (for tests and tools;
+    /// takes the model's lock).
+    pub fn key_at(&self, addr: u64) -> Option<ProbeKey> {
+        self.mm.locked_find(addr, |v| {
+            v.map(|v| ProbeKey {
+                object: v.object,
+                offset: v.offset_of(addr),
+            })
+        })
     }
 
     /// Turns queued probes into jumps (and jumps of detached probes back), in one batch:

@@ -90,6 +90,27 @@ fn counter() -> (Arc<AtomicU64>, Arc<Consumer>) {
     )
 }
 
+/// (inode, file offset) of `addr`, read independently from /proc/self/maps.
+fn maps_key(addr: u64) -> (u64, u64) {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (lo, hi) = f[0].split_once('-')?;
+            let (lo, hi) = (
+                u64::from_str_radix(lo, 16).ok()?,
+                u64::from_str_radix(hi, 16).ok()?,
+            );
+            (addr >= lo && addr < hi).then(|| {
+                (
+                    f[4].parse().unwrap(),
+                    addr - lo + u64::from_str_radix(f[2], 16).unwrap(),
+                )
+            })
+        })
+        .expect("mapped")
+}
+
 fn code(addr: u64, len: usize) -> Vec<u8> {
     // SAFETY: reading mapped text of this binary.
     unsafe { core::slice::from_raw_parts(addr as *const u8, len) }.to_vec()
@@ -214,6 +235,40 @@ fn consumers_see_exactly_the_hits_while_attached() {
             })
         })
         .collect();
+    // Address-space churn: map and unmap a file, and refresh the model, while hits resolve by
+    // speculating on it.
+    let churn = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let path =
+                std::env::temp_dir().join(format!("probe-live-churn-{}", std::process::id()));
+            std::fs::write(&path, vec![0u8; 8192]).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            let mut refreshes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: a fresh read-only mapping of our own file, unmapped below.
+                let p = unsafe {
+                    libc::mmap(
+                        core::ptr::null_mut(),
+                        8192,
+                        libc::PROT_READ,
+                        libc::MAP_PRIVATE,
+                        file.as_raw_fd(),
+                        0,
+                    )
+                };
+                assert_ne!(p, libc::MAP_FAILED);
+                self::live().refresh_mappings().unwrap();
+                // SAFETY: our mapping.
+                unsafe { libc::munmap(p, 8192) };
+                self::live().refresh_mappings().unwrap();
+                refreshes += 2;
+            }
+            let _ = std::fs::remove_file(&path);
+            refreshes
+        })
+    };
     // Rounds: attach a recording consumer at one of the two instruction boundaries, let the
     // threads run, detach.
     const CAP: usize = 1 << 20;
@@ -255,6 +310,7 @@ fn consumers_see_exactly_the_hits_while_attached() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     stop.store(true, Ordering::Relaxed);
+    let refreshes = churn.join().unwrap();
     let mut calls: Vec<(u64, u64, u64)> = workers
         .into_iter()
         .flat_map(|w| w.join().unwrap())
@@ -301,8 +357,16 @@ fn consumers_see_exactly_the_hits_while_attached() {
     }
     assert_eq!(code(start, 8), original, "bytes restored");
     assert!(inside_total > 0);
+    // Detached jump probes' trampolines were freed after a quiescence scan and reused.
+    let (made, reused, freed) = live.trampoline_stats();
+    assert!(
+        reused > 0 && freed > 0,
+        "trampolines made {made}, reused {reused}, freed {freed}"
+    );
     println!(
-        "{} calls recorded around the rounds on {THREADS} threads, {ROUNDS} attach/detach rounds, {hits_total} hits recorded; \
+        "trampolines made/reused/freed so far {made}/{reused}/{freed}; \
+         {refreshes} address-space model refreshes meanwhile; \
+         {} calls recorded around the rounds on {THREADS} threads, {ROUNDS} attach/detach rounds, {hits_total} hits recorded; \
          all {inside_total} calls inside a window seen exactly once, none outside",
         calls.len()
     );
