@@ -160,6 +160,14 @@ fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
                 [0xCC],
                 "{name}+{off}: breakpoint in place"
             );
+            // The key is the real (inode, file offset) pair, as /proc/self/maps tells it.
+            let (inode, offset) = maps_key(start + off);
+            assert_eq!(a.key().offset, offset, "{name}+{off}: file offset");
+            assert_eq!(
+                a.key().object.0 & ((1 << 40) - 1),
+                inode,
+                "{name}+{off}: inode"
+            );
             // SAFETY: as above.
             let got: Vec<u64> = (0..4).map(|i| unsafe { f(i) }).collect();
             assert_eq!(got, want, "{name}+{off}: breakpoint path");
