@@ -32,6 +32,7 @@ pub mod insn;
 #[cfg(all(feature = "live", target_arch = "x86_64", target_os = "linux"))]
 pub mod live;
 pub mod live_patch;
+pub mod scan;
 pub mod xol;
 
 use probe_core::arch::Arch;

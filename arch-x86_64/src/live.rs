@@ -1279,38 +1279,32 @@ fn quiesce_signal() -> libc::c_int {
     libc::SIGRTMIN() + 7
 }
 
-/// The scan's round: (round number << 32) | answers, and the busy answers of that round.
-static SCAN: AtomicU64 = AtomicU64::new(0);
-static SCAN_BUSY: AtomicU64 = AtomicU64::new(0);
+/// The scan's rounds ([`crate::scan`]: why the round number travels with the signal).
+static SCAN: OnceLock<crate::scan::ScanRounds> = OnceLock::new();
+
+fn rounds() -> &'static crate::scan::ScanRounds {
+    SCAN.get_or_init(crate::scan::ScanRounds::new)
+}
 
 /// Runs on each thread the scan signals: is this thread inside code that is being replaced or
-/// freed? Answers only for the round named in the signal's value.
+/// freed? Answers the round named in the signal's value.
 extern "C" fn on_quiesce(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    let Some(live) = LIVE.get().copied() else {
+    let (Some(live), Some(rounds)) = (LIVE.get().copied(), SCAN.get()) else {
         return;
     };
     // SAFETY: the kernel passes valid siginfo/ucontext to an SA_SIGINFO handler; the value was
     // sent by `scan` with rt_tgsigqueueinfo.
     let (round, rip) = unsafe {
         (
-            (*info).si_value().sival_ptr as u64,
+            (*info).si_value().sival_ptr as u64 as u32,
             (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] as u64,
         )
     };
-    let busy = live
+    let inside = live
         .opt
         .space()
         .inside(rip, IN_TRAMPOLINE.with(|t| t.get()));
-    if busy {
-        SCAN_BUSY.fetch_add(1, Ordering::SeqCst);
-    }
-    let mut cur = SCAN.load(Ordering::SeqCst);
-    while cur >> 32 == round {
-        match SCAN.compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(_) => break,
-            Err(c) => cur = c,
-        }
-    }
+    rounds.answer(round, inside);
 }
 
 /// One scan: signals every other thread of the process and waits for their answers. Returns
@@ -1318,9 +1312,8 @@ extern "C" fn on_quiesce(_sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut
 fn scan() -> bool {
     // SAFETY: getpid/gettid have no preconditions.
     let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
-    let round = (SCAN.load(Ordering::SeqCst) >> 32) + 1;
-    SCAN_BUSY.store(0, Ordering::SeqCst);
-    SCAN.store(round << 32, Ordering::SeqCst);
+    let rounds = rounds();
+    let round = rounds.begin();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return false;
     };
@@ -1346,7 +1339,7 @@ fn scan() -> bool {
             let base = (&mut si as *mut libc::siginfo_t).cast::<u8>().add(16);
             base.cast::<i32>().write(pid);
             base.add(4).cast::<u32>().write(libc::getuid());
-            base.add(8).cast::<u64>().write(round);
+            base.add(8).cast::<u64>().write(u64::from(round));
             libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, quiesce_signal(), &si)
         };
         if r == 0 {
@@ -1355,13 +1348,13 @@ fn scan() -> bool {
     }
     // Threads answer from their handler; a thread that exits meanwhile never does.
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
-    while SCAN.load(Ordering::SeqCst) & 0xFFFF_FFFF < sent {
+    while rounds.answered(round) < sent {
         if std::time::Instant::now() > deadline {
             return false;
         }
         std::thread::yield_now();
     }
-    SCAN_BUSY.load(Ordering::SeqCst) == 0
+    !rounds.busy()
 }
 
 /// The quiescence wait: membarrier (every thread serializes), then scans until a round in which

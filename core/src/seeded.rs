@@ -82,6 +82,9 @@ pub enum Bug {
     OptimizeBeforeUnoptimize,
     /// x86 live patch: the first byte is written before the tail (no int3 first).
     PatchFirstByteFirst,
+    /// Live quiescence scan: an answer counts for whatever round is current, not the one it
+    /// answers (a late answer to an abandoned round completes the new one).
+    ScanAnswerAnyRound,
 }
 
 std::thread_local! {
