@@ -501,6 +501,13 @@ impl CodeSpace for ProcessCode {
     fn quiesce(&self) {
         quiesce(self);
     }
+
+    fn kick(&self) {
+        // Called with the optimizer's lock held: only wake the optimizer thread, if there is one.
+        if let Some(t) = OPTIMIZER_THREAD.get() {
+            t.unpark();
+        }
+    }
 }
 
 /// A memfd mapped twice: read+execute near the code, read+write for us.
@@ -715,6 +722,9 @@ unsafe impl Sync for Live {}
 unsafe impl Send for Live {}
 
 static LIVE: OnceLock<&'static Live> = OnceLock::new();
+
+/// The delayed optimizer's thread, once started ([`Live::start_optimizer`]).
+static OPTIMIZER_THREAD: OnceLock<std::thread::Thread> = OnceLock::new();
 
 std::thread_local! {
     /// The pool entry this thread used last (a hint; any free entry will do).
@@ -1051,6 +1061,29 @@ impl Live {
         })
     }
 
+    /// Starts kprobes' delayed optimizer: a thread that, `delay` after an attach or detach
+    /// queued work, applies everything queued meanwhile in one batch ([`Live::run_optimizer`]).
+    /// Without it, the embedder calls `run_optimizer` itself. Returns `false` if already started.
+    pub fn start_optimizer(&'static self, delay: std::time::Duration) -> bool {
+        let mut started = false;
+        OPTIMIZER_THREAD.get_or_init(|| {
+            started = true;
+            std::thread::Builder::new()
+                .name("probe-optimizer".into())
+                .spawn(move || {
+                    loop {
+                        // Woken by `kick` (spurious wake-ups just cost an empty run).
+                        std::thread::park();
+                        std::thread::sleep(delay);
+                        self.run_optimizer();
+                    }
+                })
+                .map(|h| h.thread().clone())
+                .unwrap_or_else(|_| std::thread::current())
+        });
+        started
+    }
+
     /// Turns queued probes into jumps (and jumps of detached probes back), in one batch:
     /// kprobes' delayed optimizer. Attach queues, this applies. Call it from a timer thread, or
     /// after a burst of attaches.
@@ -1059,9 +1092,11 @@ impl Live {
         self.opt.wait_for_optimizer();
     }
 
-    /// Whether the probe at `addr` is a jump now.
+    /// Whether the probe at `addr` is a jump in the code now (not merely queued to become one).
     pub fn is_optimized(&self, addr: u64) -> bool {
-        self.opt.state(addr).is_ok_and(|s| s.optimized)
+        self.opt
+            .state(addr)
+            .is_ok_and(|s| s.code == probe_core::optimizer::Code::Jump)
     }
 
     fn release(p: &Pooled) {

@@ -132,6 +132,27 @@ fn a_foreign_int3_reaches_the_programs_handler() {
 }
 
 #[test]
+fn the_delayed_optimizer_turns_a_probe_into_a_jump_by_itself() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    live.start_optimizer(std::time::Duration::from_millis(10));
+    let start = live.symbol("live_t_add").unwrap();
+    let (n, c) = counter();
+    let a = live.attach(start, c).unwrap();
+    // No run_optimizer call: the optimizer thread does it after its delay.
+    let t = std::time::Instant::now();
+    while !live.is_optimized(start) {
+        assert!(t.elapsed().as_secs() < 20, "never optimized");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(code(start, 1), [0xE9]);
+    assert_eq!(add(1, 2), 3);
+    assert_eq!(n.load(Ordering::Relaxed), 1);
+    live.detach(a).unwrap();
+    assert_eq!(code(start, 1), [0x48]);
+}
+
+#[test]
 fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
