@@ -5,10 +5,13 @@
 //!
 //! ```text
 //!  thread runs INT3 at addr ──SIGTRAP──▶ handler (SA_SIGINFO, on the thread's stack, below the red zone)
-//!     claim a pooled pair of RCU readers          (one atomic swap; no allocation, no lock)
+//!     claim a pooled pair of RCU readers          (one atomic swap on this thread's own line)
 //!     optimizer.on_breakpoint(addr)               (lock-free tree lookup, no store)
-//!       Probe { fire, then: Step }  → run consumers (registry lookup by (inode, file offset))
-//!                                     RIP = the probe's XOL copy (relocated insn + jmp back)
+//!       Probe { fire, then }        → if fire: resolve addr → (object, file offset) by
+//!                                     speculating on the address-space model, then run the
+//!                                     consumers found in the registry under that key
+//!         then: Step                → RIP = the probe's XOL copy (relocated insn + jmp back)
+//!         then: Detour(d)           → RIP = d.displaced (the trampoline's displaced code)
 //!       Restart                     → RIP = addr (the breakpoint went away meanwhile)
 //!       NotOurs                     → the program's previous SIGTRAP handler
 //!     release the readers; return (sigreturn resumes at RIP)
@@ -41,11 +44,37 @@
 //! up — so one copy per probe serves every thread at once, prepared when the probe is attached;
 //! a hit only sets RIP.
 //!
-//! # Not yet
+//! # The jump path
 //!
-//! Jump optimization (trampolines), and freeing XOL copies (they are kept for the life of the
-//! process, reused when the same address is probed again): both need the quiescence mechanism of
-//! the live-embedding issue.
+//! Each optimizable probe gets a trampoline in the same near area: it steps over the red zone,
+//! saves the general registers, flags and the full XSAVE state, calls into
+//! `trampoline_entry` (which asks the optimizer whether to fire and runs the consumers), restores
+//! everything, runs the displaced instructions (relocated) and jumps back. The optimizer turns
+//! probes into `jmp rel32` in delayed batches ([`Live::run_optimizer`], or the thread of
+//! [`Live::start_optimizer`]) with the int3-first protocol.
+//!
+//! # Quiescence: when no thread can be inside
+//!
+//! Before a jump goes in, no thread may be stopped strictly inside the bytes it covers; before a
+//! trampoline is reused, no thread may be inside it or running consumers called from it. A
+//! process has no `synchronize_rcu_tasks`, so the wait ([`CodeSpace::quiesce`]) asks every other
+//! thread: it sends each a real-time signal carrying a round number, and each answers from its
+//! handler whether the interrupted RIP is strictly inside a prepared jump range, in an XOL copy
+//! that jumps back into one, or in a trampoline that is retiring (or whether it is running that
+//! trampoline's consumers, a thread-local flag). A round with every thread answering "outside"
+//! ends the wait ([`crate::scan`]; the round number keeps late answers to an abandoned round
+//! from completing a new one — loom-checked with its seeded bug). The SIGTRAP handler blocks the
+//! scan's signal, so a thread redirected into a trampoline answers from there, never from just
+//! before. Threads hitting *other* probes do not hold the wait up.
+//!
+//! One case the scan does not see: a thread interrupted inside a retiring trampoline by the
+//! program's own signal handler, still running that handler when the scan asks (the scan sees the
+//! innermost frame only). Trampolines are reused only after such a wait, so the window is a
+//! program handler that outlives a whole optimizer batch at exactly that spot.
+//!
+//! XOL copies are not freed: there is one per probed address, reused when the address is probed
+//! again, so their memory is bounded by the number of distinct addresses ever probed. Freeing
+//! them would take the same scan; not done.
 
 use crate::X86_64;
 use crate::insn::{self, Insn, Refusal};
