@@ -798,6 +798,25 @@ impl Live {
     /// Installs the SIGTRAP handler (remembering the program's, which still gets every trap that
     /// is not ours), reads the executable's symbols, registers for membarrier SYNC_CORE and maps
     /// the XOL area near the code. Once per process.
+    ///
+    /// ```no_run
+    /// use probe_arch_x86_64::live::{Consumer, Live, Regs};
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// let live = Live::install()?;
+    /// live.start_optimizer(std::time::Duration::from_millis(5)); // kprobes' delayed optimizer
+    /// let hits = Arc::new(AtomicU64::new(0));
+    /// let h = hits.clone();
+    /// // Runs in the hitting thread's signal handler or trampoline: keep it async-signal-safe.
+    /// let consumer: Arc<Consumer> = Arc::new(move |r: &Regs| {
+    ///     h.fetch_add(r.rdi & 1, Ordering::Relaxed);
+    /// });
+    /// let probe = live.attach_symbol("my_function", 0, consumer)?; // or `attach(addr, …)`
+    /// // … threads call my_function: a breakpoint hit now, a jump hit once optimized …
+    /// live.detach(probe)?; // original bytes back; the consumer never runs again
+    /// # Ok::<(), probe_arch_x86_64::live::LiveError>(())
+    /// ```
     pub fn install() -> Result<&'static Live, LiveError> {
         static ONCE: Mutex<bool> = Mutex::new(false);
         let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
