@@ -72,6 +72,9 @@
 //! innermost frame only). Trampolines are reused only after such a wait, so the window is a
 //! program handler that outlives a whole optimizer batch at exactly that spot.
 //!
+//! Every thread must be able to take the scan's signal (`SIGRTMIN + 7`): a thread that blocks
+//! it for good keeps every quiescence wait, and so the optimizer, waiting.
+//!
 //! XOL copies are not freed: there is one per probed address, reused when the address is probed
 //! again, so their memory is bounded by the number of distinct addresses ever probed. Freeing
 //! them would take the same scan; not done.
@@ -742,7 +745,6 @@ pub struct Live {
     /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free.
     mm: AddressSpace,
     previous: libc::sigaction,
-    hits: AtomicU64,
 }
 
 // SAFETY: `previous` is a plain C struct read by the handler; everything else is Sync.
@@ -874,7 +876,6 @@ impl Live {
             writer: Mutex::new(Writer),
             mm: AddressSpace::new(MmId(1)),
             previous,
-            hits: AtomicU64::new(0),
         }));
         live.refresh_locked()?;
         // Publish before the handler can run.
@@ -986,12 +987,6 @@ impl Live {
             s.trampolines_reused.load(Ordering::Relaxed),
             s.trampolines_freed.load(Ordering::Relaxed),
         )
-    }
-
-    /// Breakpoint hits answered by the handler so far (ours, not the program's).
-    pub fn hits(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.hits.load(Ordering::Relaxed)
     }
 
     fn claim(&self) -> &Pooled {
@@ -1516,8 +1511,6 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
     Live::release(pooled);
     match answer {
         Some(next) => {
-            // Relaxed: a statistic.
-            live.hits.fetch_add(1, Ordering::Relaxed);
             gregs[libc::REG_RIP as usize] = next as i64;
         }
         None => chain(&live.previous, sig, info, uc),
