@@ -754,6 +754,10 @@ unsafe impl Send for Live {}
 
 static LIVE: OnceLock<&'static Live> = OnceLock::new();
 
+/// How often a hit did not find its thread's pool entry free and took another: the only shared
+/// line a hit writes, and only then ([`Live::pool_moves`]).
+static POOL_MOVES: AtomicU64 = AtomicU64::new(0);
+
 /// The delayed optimizer's thread, once started ([`Live::start_optimizer`]).
 static OPTIMIZER_THREAD: OnceLock<std::thread::Thread> = OnceLock::new();
 
@@ -989,6 +993,14 @@ impl Live {
         )
     }
 
+    /// How many hits so far found their thread's pooled reader taken and moved to another entry.
+    /// Every other hit writes only lines of its own thread's entry (and its RCU slot), so this
+    /// staying flat while threads hit is the proof that the common case shares no line.
+    pub fn pool_moves(&self) -> u64 {
+        // Relaxed: a statistic.
+        POOL_MOVES.load(Ordering::Relaxed)
+    }
+
     fn claim(&self) -> &Pooled {
         // A const-initialized thread-local: no allocation, safe in a signal handler.
         let hint = POOL_HINT.with(|h| h.get());
@@ -1006,7 +1018,12 @@ impl Live {
                 // Acquire pairs with the Release store in `release`: the previous user's reads
                 // are done.
                 if !p.busy.swap(true, Ordering::Acquire) {
-                    POOL_HINT.with(|h| h.set(i));
+                    if i != start {
+                        // The uncommon path: this thread's entry was taken (or it had none yet).
+                        // Relaxed: a statistic.
+                        POOL_MOVES.fetch_add(1, Ordering::Relaxed);
+                        POOL_HINT.with(|h| h.set(i));
+                    }
                     return p;
                 }
             }

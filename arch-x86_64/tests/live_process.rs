@@ -132,6 +132,36 @@ fn a_foreign_int3_reaches_the_programs_handler() {
 }
 
 #[test]
+fn hits_write_only_their_own_threads_pool_entry() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let start = live.symbol("live_t_add").unwrap();
+    let (n, c) = counter();
+    // Offset 4: a breakpoint that stays one (too short for a jump), so every hit is a SIGTRAP.
+    let a = live.attach(start + 4, c).unwrap();
+    let threads: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(|| (0..2000).map(|i| add(i, 1)).sum::<u64>()))
+        .collect();
+    // A first pair of threads (their hits are not counted below).
+    for t in threads {
+        t.join().unwrap();
+    }
+    let before = live.pool_moves();
+    let threads: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(|| (0..20_000).map(|i| add(i, 1)).sum::<u64>()))
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let moves = live.pool_moves() - before;
+    live.detach(a).unwrap();
+    assert_eq!(n.load(Ordering::Relaxed), 44_000);
+    // New threads start from their thread id's entry; two threads can at worst meet once each.
+    assert!(moves <= 2, "{moves} hits left their thread's entry");
+    println!("40 000 hits on two concurrent threads: {moves} left their thread's pool entry");
+}
+
+#[test]
 fn the_delayed_optimizer_turns_a_probe_into_a_jump_by_itself() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
