@@ -1019,9 +1019,12 @@ impl Live {
                 // are done.
                 if !p.busy.swap(true, Ordering::Acquire) {
                     if i != start {
-                        // The uncommon path: this thread's entry was taken (or it had none yet).
+                        // The uncommon path: this thread's entry was taken.
                         // Relaxed: a statistic.
                         POOL_MOVES.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if i != start || hint == usize::MAX {
+                        // Remember it (and never ask for the thread id again: a system call).
                         POOL_HINT.with(|h| h.set(i));
                     }
                     return p;

@@ -156,22 +156,9 @@ mod imp {
         let after = hits.load(Ordering::Relaxed);
         assert_eq!(after, 5 * (slow + fast), "one consumer call per hit");
         let floor = bare_sigtrap(slow);
-        let offset = {
-            // The file offset of the function: what the kernel's uprobe_events wants.
-            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-            maps.lines()
-                .find_map(|l| {
-                    let f: Vec<&str> = l.split_whitespace().collect();
-                    let (lo, hi) = f[0].split_once('-')?;
-                    let (lo, hi) = (
-                        u64::from_str_radix(lo, 16).ok()?,
-                        u64::from_str_radix(hi, 16).ok()?,
-                    );
-                    let off = u64::from_str_radix(f[2], 16).ok()?;
-                    (start >= lo && start < hi).then(|| start - lo + off)
-                })
-                .expect("the function's mapping")
-        };
+        // The function's file offset (what uprobe_events wants), from the live embedding's own
+        // address-space model (filled from /proc/self/maps).
+        let offset = live.key_at(start).expect("the function's mapping").offset;
         let kernel = kernel_uprobe(slow, offset);
 
         println!("per-hit cost on `live_bench_target` (lea; nop; ret), median of 5 runs:");
