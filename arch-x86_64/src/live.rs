@@ -1524,7 +1524,18 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
                     Then::Detour(d) => Some(d.displaced),
                 }
             }
-            Trap::Restart => Some(addr),
+            // No probe at rip-1 and no breakpoint there now. Either ours was removed after the
+            // thread trapped on it (re-execute the restored instruction), or the trap was the
+            // program's two-byte `INT 3` (CD 03), whose second byte is at rip-1: that one is not
+            // ours (re-executing from rip-1 would run its immediate as code).
+            Trap::Restart => {
+                let mut two = [0u8; 2];
+                let space = live.opt.space();
+                match space.read(rip.wrapping_sub(2), &mut two) {
+                    Ok(()) if two == [0xCD, 0x03] => None,
+                    _ => Some(addr),
+                }
+            }
             Trap::NotOurs => None,
         }
     };

@@ -41,6 +41,13 @@ core::arch::global_asm!(
     "mov eax, 7",
     "ret",
     ".size live_t_foreign, . - live_t_foreign",
+    ".globl live_t_foreign_cd03",
+    ".type live_t_foreign_cd03, @function",
+    "live_t_foreign_cd03:",
+    ".byte 0xcd, 0x03",
+    "mov eax, 9",
+    "ret",
+    ".size live_t_foreign_cd03, . - live_t_foreign_cd03",
     ".data",
     ".balign 8",
     "live_t_data: .quad 40",
@@ -52,6 +59,7 @@ unsafe extern "sysv64" {
     fn live_t_riprel(a: u64) -> u64;
     fn live_t_call(a: u64) -> u64;
     fn live_t_foreign() -> u64;
+    fn live_t_foreign_cd03() -> u64;
 }
 
 fn add(a: u64, b: u64) -> u64 {
@@ -125,10 +133,14 @@ fn a_foreign_int3_reaches_the_programs_handler() {
     // SAFETY: int3 (handled by the program's handler, which returns), then mov/ret.
     assert_eq!(unsafe { live_t_foreign() }, 7);
     assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), before + 1);
+    // The two-byte form `INT 3` (CD 03) too.
+    // SAFETY: int 3 (handled by the program's handler, which returns), then mov/ret.
+    assert_eq!(unsafe { live_t_foreign_cd03() }, 9);
+    assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), before + 2);
     // And a raise() is not mistaken for a breakpoint either.
     // SAFETY: raising a signal whose handler returns.
     unsafe { libc::raise(libc::SIGTRAP) };
-    assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), before + 2);
+    assert_eq!(FOREIGN_TRAPS.load(Ordering::Relaxed), before + 3);
 }
 
 #[test]
