@@ -927,7 +927,19 @@ impl Live {
         offset: u64,
         consumer: Arc<Consumer>,
     ) -> Result<Attached, LiveError> {
-        let start = self.symbol(name).ok_or(LiveError::NoSymbol)?;
+        let (start, end) = self
+            .opt
+            .space()
+            .image
+            .functions
+            .iter()
+            .find(|f| f.2 == name)
+            .map(|f| (f.0, f.1))
+            .ok_or(LiveError::NoSymbol)?;
+        if offset >= end - start {
+            // Past the function's end (into the next function, or padding).
+            return Err(LiveError::Core(probe_core::Error::OffsetOutOfRange));
+        }
         self.attach(start + offset, consumer)
     }
 

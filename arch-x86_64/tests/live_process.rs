@@ -144,6 +144,46 @@ fn a_foreign_int3_reaches_the_programs_handler() {
 }
 
 #[test]
+fn every_bad_attach_is_an_error_and_changes_nothing() {
+    use probe_arch_x86_64::insn::Refusal;
+    use probe_arch_x86_64::live::LiveError;
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let (n, c) = counter();
+    assert!(matches!(Live::install(), Err(LiveError::AlreadyInstalled)));
+    assert!(matches!(
+        live.attach_symbol("no_such_function", 0, c.clone()),
+        Err(LiveError::NoSymbol)
+    ));
+    // Inside `lea rax, [rdi + rsi]` (4 bytes).
+    assert!(matches!(
+        live.attach_symbol("live_t_add", 2, c.clone()),
+        Err(LiveError::Core(probe_core::Error::InsideInstruction))
+    ));
+    // Past the function's end (the bytes there belong to the next function).
+    assert!(matches!(
+        live.attach_symbol("live_t_add", 8, c.clone()),
+        Err(LiveError::Core(probe_core::Error::OffsetOutOfRange))
+    ));
+    // The program's own int3: refused, with the reason.
+    assert!(matches!(
+        live.attach_symbol("live_t_foreign", 0, c.clone()),
+        Err(LiveError::Refused(Refusal::Trap))
+    ));
+    // Not in any function of the executable.
+    assert!(live.attach(0x10, c.clone()).is_err());
+    // Detaching twice.
+    let start = live.symbol("live_t_add").unwrap();
+    let original = code(start, 8);
+    let a = live.attach(start, c).unwrap();
+    live.detach(a.clone()).unwrap();
+    assert!(matches!(live.detach(a), Err(LiveError::Core(_))));
+    assert_eq!(code(start, 8), original);
+    assert_eq!(add(2, 3), 5);
+    assert_eq!(n.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn hits_write_only_their_own_threads_pool_entry() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
