@@ -258,10 +258,12 @@ fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
             let a = live
                 .attach_symbol(name, off, c)
                 .unwrap_or_else(|e| panic!("{name}+{off}: {e}"));
-            assert_eq!(
-                code(start + off, 1),
-                [0xCC],
-                "{name}+{off}: breakpoint in place"
+            // A breakpoint — or already a jump, if the delayed optimizer another test started
+            // (it lives as long as the process) ran in between.
+            let first = code(start + off, 1)[0];
+            assert!(
+                first == 0xCC || (first == 0xE9 && live.is_optimized(start + off)),
+                "{name}+{off}: probe in place ({first:#x})"
             );
             // The key is the real (inode, file offset) pair, as /proc/self/maps tells it.
             let (inode, offset) = maps_key(start + off);
