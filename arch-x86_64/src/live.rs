@@ -411,6 +411,7 @@ impl ProcessCode {
             return;
         }
         for r in self.retiring.iter() {
+            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
             if r.load(Ordering::Relaxed) == 0 {
                 // Release pairs with the Acquire in `is_retiring`.
                 r.store(tramp, Ordering::Release);
@@ -503,6 +504,7 @@ impl CodeSpace for ProcessCode {
         // way into the trampoline: it can be reused.
         self.ranges.remove(detour.trampoline);
         for r in self.retiring.iter() {
+            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
             if r.load(Ordering::Relaxed) == detour.trampoline {
                 // Relaxed: only this (the optimizer's) thread writes the table.
                 r.store(0, Ordering::Relaxed);
@@ -692,6 +694,7 @@ impl XolMap {
             // Acquire pairs with the Release store of the key in `insert`: the value is visible.
             match self.keys[i].load(Ordering::Acquire) {
                 0 => return None,
+                // Relaxed: ordered by the Acquire load of its key just above (pairs with `insert`).
                 k if k == addr => return Some(self.vals[i].load(Ordering::Relaxed)),
                 _ => i = (i + 1) % XOL_MAP,
             }
@@ -702,6 +705,7 @@ impl XolMap {
     fn insert(&self, addr: u64, val: u64) -> Result<(), LiveError> {
         let mut i = Self::start(addr);
         for _ in 0..XOL_MAP / 2 {
+            // Relaxed: only writers (serialized by the writer mutex) write the keys.
             if self.keys[i].load(Ordering::Relaxed) == 0 {
                 // Relaxed: published by the Release store of the key just below.
                 self.vals[i].store(val, Ordering::Relaxed);
@@ -1207,6 +1211,7 @@ impl RangeTable {
     /// Writers only (the optimizer's lock serializes them).
     fn insert(&self, tramp: u64, start: u64, end: u64) -> bool {
         for i in 0..RANGES {
+            // Relaxed: only writers (serialized by the optimizer's lock) write the keys.
             if self.tramp[i].load(Ordering::Relaxed) == 0 {
                 // Relaxed: published by the Release store of the key below.
                 self.start[i].store(start, Ordering::Relaxed);
@@ -1220,6 +1225,7 @@ impl RangeTable {
     }
     fn remove(&self, tramp: u64) {
         for k in self.tramp.iter() {
+            // Relaxed: the table's keys are written only by the optimizer's (this) thread.
             if k.load(Ordering::Relaxed) == tramp {
                 // Relaxed: the scan that follows any reuse runs after a quiescence wait's
                 // synchronization (signals and SeqCst counters).
@@ -1233,6 +1239,7 @@ impl RangeTable {
             // Acquire pairs with the Release store in `insert`.
             self.tramp[i].load(Ordering::Acquire) != 0
                 && rip > self.start[i].load(Ordering::Relaxed)
+                // Relaxed: ordered after the Acquire load of the key (`insert` stored the bounds first).
                 && rip < self.end[i].load(Ordering::Relaxed)
         })
     }
