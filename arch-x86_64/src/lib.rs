@@ -14,6 +14,8 @@
 //!   they relocate, whether any branch lands inside) and the trampoline's displaced code;
 //! * [`live_patch`] — the int3-first protocol for changing multi-byte code that other CPUs are
 //!   executing, batched, with the cross-core serialization supplied by the embedder;
+//! * [`xstate`] — which instruction saves the interrupted code's extended state (XSAVEC, XSAVE,
+//!   FXSAVE) over which components, into how many bytes, with AMX/XFD handled;
 //! * cache maintenance, which on x86 is that serialization only: the instruction cache is
 //!   coherent with stores (see [`live_patch`]).
 //!
@@ -24,7 +26,7 @@
 
 #![no_std]
 
-#[cfg(feature = "live")]
+#[cfg(any(feature = "live", test))]
 extern crate std;
 
 pub mod detour;
@@ -34,6 +36,8 @@ pub mod live;
 pub mod live_patch;
 pub mod scan;
 pub mod xol;
+#[cfg(target_arch = "x86_64")]
+pub mod xstate;
 
 use probe_core::arch::Arch;
 

@@ -47,8 +47,13 @@
 //! # The jump path
 //!
 //! Each optimizable probe gets a trampoline in the same near area: it steps over the red zone,
-//! saves the general registers, flags and the full XSAVE state, calls into
-//! `trampoline_entry` (which asks the optimizer whether to fire and runs the consumers), restores
+//! pushes the general registers and flags as the consumers' [`Regs`], and calls
+//! `trampoline_entry` with the probe's own context (a trampoline serves one probe, so no lookup:
+//! the context holds the probe's current consumer list, published by attach/detach under RCU).
+//! If any consumer is a closure ([`Live::attach`]) the entry saves the whole extended state
+//! with the cheapest correct instruction for this CPU ([`crate::xstate`]: `XSAVEC` over XCR0
+//! here), hands the consumers the ABI's clean state, and restores it after; if every consumer is
+//! register-only ([`Live::attach_raw`]) it saves nothing more. Then the trampoline pops
 //! everything, runs the displaced instructions (relocated) and jumps back. The optimizer turns
 //! probes into `jmp rel32` in delayed batches ([`Live::run_optimizer`], or the thread of
 //! [`Live::start_optimizer`]) with the int3-first protocol.
@@ -89,7 +94,8 @@ use probe_core::optimizer::{Optimizer, Then, Trap};
 use probe_core::probe::{ObjectId, ProbeKey};
 use probe_core::rcu::{Rcu, SlotRcu};
 use probe_core::registry::Registry;
-use probe_core::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::xstate::XState;
+use probe_core::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::boxed::Box;
 use std::fmt;
 use std::fs::File;
@@ -99,8 +105,11 @@ use std::string::{String, ToString};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::vec::Vec;
 
-/// The registers a consumer sees: the interrupted thread's, as saved by the kernel.
+/// The registers a consumer sees: the interrupted thread's, as saved by the kernel (breakpoint
+/// path) or pushed by the trampoline (jump path, where this struct *is* the pushed frame: its
+/// layout is part of the trampoline's code).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
 #[allow(missing_docs)]
 pub struct Regs {
     pub rax: u64,
@@ -128,6 +137,38 @@ pub struct Regs {
 /// so it must be async-signal-safe (no allocation, no locks another thread might hold).
 pub type Consumer = dyn Fn(&Regs) + Send + Sync;
 
+/// A register-only consumer ([`Live::attach_raw`]): integer code that touches no x87, MXCSR or
+/// vector state — what an eBPF program's JIT output or a kernel optprobe handler is. Called with
+/// the registers and the context pointer given at attach.
+pub type RawConsumer = unsafe extern "C" fn(regs: &Regs, ctx: *mut core::ffi::c_void);
+
+/// What the registry holds per consumer: a closure that may use any register state, or a
+/// register-only function with its context.
+pub enum Hook {
+    /// A closure: its hits save and restore the whole extended state around it.
+    Full(Arc<Consumer>),
+    /// A register-only function: hits whose every consumer is one skip the extended state.
+    Raw {
+        /// The function.
+        f: RawConsumer,
+        /// Its context pointer, passed back on every call.
+        ctx: usize,
+    },
+}
+
+impl Hook {
+    /// Calls it.
+    #[inline(always)]
+    fn call(&self, regs: &Regs) {
+        match self {
+            Hook::Full(c) => c(regs),
+            // SAFETY: `attach_raw`'s contract: `f` may be called with any registers and `ctx`
+            // until its detach returned (the hit holds a read section detach waits for).
+            Hook::Raw { f, ctx } => unsafe { f(regs, *ctx as *mut core::ffi::c_void) },
+        }
+    }
+}
+
 /// Why a live operation failed.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -151,6 +192,8 @@ pub enum LiveError {
     Core(probe_core::Error),
     /// The XOL area is full.
     Full,
+    /// [`Live::attach_raw`] was given no function.
+    NullConsumer,
 }
 
 impl fmt::Display for LiveError {
@@ -163,6 +206,7 @@ impl fmt::Display for LiveError {
             Self::Refused(r) => write!(f, "cannot probe this instruction: {r}"),
             Self::Core(e) => write!(f, "{e:?}"),
             Self::Full => f.write_str("the XOL area is full"),
+            Self::NullConsumer => f.write_str("attach_raw was given a null function"),
         }
     }
 }
@@ -350,8 +394,11 @@ struct ProcessCode {
     /// Jump ranges of prepared detours: a thread stopped strictly inside one must not resume
     /// after its jump goes in (the quiescence scan reads this).
     ranges: RangeTable,
-    /// Bytes of XSAVE state (CPUID.0DH:EBX), rounded up to 64; 0 if XSAVE is unavailable.
-    xsave_size: u32,
+    /// How a trampoline saves the extended state around full-state consumers, chosen at
+    /// install from CPUID ([`crate::xstate`]).
+    xstate: XState,
+    /// Probe address → its [`ProbeCtx`] (XOL copy, consumer list for trampolines).
+    xol_map: XolMap,
     /// Per 64-byte block of the area: for an XOL copy, where it jumps back to (0 otherwise).
     slot_resume: Box<[AtomicU64]>,
     /// Trampolines whose jump was taken out (found in `patch`), until `free_detour`.
@@ -451,9 +498,8 @@ impl CodeSpace for ProcessCode {
     }
 
     fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
-        if self.xsave_size == 0 {
-            return Err(NotOptimizable::Unsupported);
-        }
+        // The trampoline hands its hit this probe's context directly (attach made it).
+        let ctx = self.xol_map.get(addr).ok_or(NotOptimizable::Unsupported)?;
         let &(start, end, _) = self
             .image
             .function_at(addr)
@@ -481,7 +527,7 @@ impl CodeSpace for ProcessCode {
                 area.alloc(TRAMPOLINE).ok_or(NotOptimizable::NoMemory)?
             }
         };
-        let (code, displaced) = trampoline(at, addr, self.xsave_size, &range)
+        let (code, displaced) = trampoline(at, ctx, self.xstate.size, &range)
             .map_err(|_| NotOptimizable::OutOfReach)?;
         let jump = range.jump_bytes(at).ok_or(NotOptimizable::OutOfReach)?;
         if !self.ranges.insert(at, addr, addr + range.len() as u64) {
@@ -664,8 +710,9 @@ impl XolArea {
     }
 }
 
-/// Probe address → XOL copy address, readable from the trap handler: open addressing over a
-/// fixed table, insert-only (a copy is kept for the life of the process).
+/// Probe address → its [`ProbeCtx`] (XOL copy address, trampoline hit list), readable from the
+/// trap handler: open addressing over a fixed table, insert-only (a context and its copy are
+/// kept for the life of the process).
 ///
 /// # Invariants
 ///
@@ -688,21 +735,26 @@ impl XolMap {
         (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 50) as usize % XOL_MAP
     }
     /// Lock-free lookup (the handler).
-    fn get(&self, addr: u64) -> Option<u64> {
+    fn get(&self, addr: u64) -> Option<&'static ProbeCtx> {
         let mut i = Self::start(addr);
         for _ in 0..XOL_MAP {
             // Acquire pairs with the Release store of the key in `insert`: the value is visible.
             match self.keys[i].load(Ordering::Acquire) {
                 0 => return None,
                 // Relaxed: ordered by the Acquire load of its key just above (pairs with `insert`).
-                k if k == addr => return Some(self.vals[i].load(Ordering::Relaxed)),
+                k if k == addr => {
+                    let p = self.vals[i].load(Ordering::Relaxed) as *const ProbeCtx;
+                    // SAFETY: values are leaked `ProbeCtx`s (`insert`), never freed.
+                    return Some(unsafe { &*p });
+                }
                 _ => i = (i + 1) % XOL_MAP,
             }
         }
         None
     }
     /// Insert (writers, under the writer mutex).
-    fn insert(&self, addr: u64, val: u64) -> Result<(), LiveError> {
+    fn insert(&self, addr: u64, ctx: &'static ProbeCtx) -> Result<(), LiveError> {
+        let val = ctx as *const ProbeCtx as u64;
         let mut i = Self::start(addr);
         for _ in 0..XOL_MAP / 2 {
             // Relaxed: only writers (serialized by the writer mutex) write the keys.
@@ -733,17 +785,44 @@ struct Pooled {
 const POOL: usize = 256;
 
 type Opt = Optimizer<ProcessCode, SlotRcu>;
-type Reg = Registry<Consumer, SlotRcu>;
+type Reg = Registry<Hook, SlotRcu>;
 
-/// Serializes attach/detach/run_optimizer (the handler never takes it).
-struct Writer;
+/// Serializes attach/detach/run_optimizer (the handler never takes it), and holds the writers'
+/// reader of the registry (to read a probe's consumers when its hit list is rebuilt).
+struct Writer {
+    reader: <SlotRcu as Rcu>::Reader<'static>,
+}
+
+/// Per probed address, for the life of the process (like its XOL copy, which it names): what a
+/// hit at that address needs without looking anything up.
+///
+/// # Invariants
+///
+/// * INVARIANT: `list` is null or a `HitList` built from the registry's consumers of this
+///   address's key, published by a writer (under the writer mutex) with a Release swap; a list
+///   swapped out is freed only after a grace period of the registry's RCU domain, and every hit
+///   reads `list` inside one of that domain's read sections.
+/// * INVARIANT: `list` is null exactly while the probe has no consumer (the last detach clears it
+///   before the optimizer hears of it), so a trampoline still in the code after its probe was
+///   unregistered fires nothing — the optimizer's `on_trampoline` answer, without its lookup.
+struct ProbeCtx {
+    addr: u64,
+    xol: u64,
+    list: AtomicPtr<HitList>,
+}
+
+/// A probe's consumers as its trampoline runs them.
+struct HitList {
+    /// Some consumer may use any register state: save and restore the extended state.
+    full: bool,
+    hooks: Box<[Arc<Hook>]>,
+}
 
 /// The live embedding. One per process: [`Live::install`].
 pub struct Live {
     opt: &'static Opt,
     reg: &'static Reg,
     pool: Box<[Pooled]>,
-    xol_map: XolMap,
     writer: Mutex<Writer>,
     /// The process's file mappings, from `/proc/self/maps`: the hit path resolves an address to
     /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free.
@@ -776,12 +855,13 @@ std::thread_local! {
     static IN_MM_WRITE: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
 }
 
-/// A probe attached by [`Live::attach`]; give it back to [`Live::detach`].
+/// A probe attached by [`Live::attach`] or [`Live::attach_raw`]; give it back to
+/// [`Live::detach`].
 #[derive(Clone)]
 pub struct Attached {
     addr: u64,
     key: ProbeKey,
-    consumer: Arc<Consumer>,
+    consumer: Arc<Hook>,
 }
 
 impl fmt::Debug for Attached {
@@ -828,6 +908,15 @@ impl Live {
     /// # Ok::<(), probe_arch_x86_64::live::LiveError>(())
     /// ```
     pub fn install() -> Result<&'static Live, LiveError> {
+        Self::install_with(XState::detect())
+    }
+
+    /// [`Live::install`] with a given choice of how trampolines save the extended state
+    /// (`install` uses [`XState::detect`], the cheapest correct one). Forcing
+    /// [`SaveInsn::Fxsave`](crate::xstate::SaveInsn::Fxsave) on a CPU with AVX corrupts the
+    /// interrupted code's vector registers — what some interceptors ship; it exists so a test
+    /// can show that its oracle catches exactly that.
+    pub fn install_with(xstate: XState) -> Result<&'static Live, LiveError> {
         static ONCE: Mutex<bool> = Mutex::new(false);
         let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
         if *done {
@@ -851,7 +940,8 @@ impl Live {
                 area_range,
                 free_trampolines: Mutex::new(Vec::new()),
                 ranges: RangeTable::new(),
-                xsave_size: xsave_size(),
+                xstate,
+                xol_map: XolMap::new(),
                 slot_resume: (0..XOL_AREA / 64).map(|_| AtomicU64::new(0)).collect(),
                 retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
                 trampolines_made: AtomicU64::new(0),
@@ -880,8 +970,9 @@ impl Live {
             opt,
             reg,
             pool: pool.into_boxed_slice(),
-            xol_map: XolMap::new(),
-            writer: Mutex::new(Writer),
+            writer: Mutex::new(Writer {
+                reader: reg.rcu().register()?,
+            }),
             mm: AddressSpace::new(MmId(1)),
             previous,
         }));
@@ -949,14 +1040,51 @@ impl Live {
 
     /// Attaches `consumer` at `addr`, which must start an instruction of a function in the
     /// executable's symbol table. Hits on any thread run it from then on, until
-    /// [`Live::detach`].
+    /// [`Live::detach`]. The consumer may use any register state: its jump-path hits save and
+    /// restore the whole extended state (x87, SSE, AVX, AVX-512, AMX) around it.
     pub fn attach(&self, addr: u64, consumer: Arc<Consumer>) -> Result<Attached, LiveError> {
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.attach_hook(addr, Hook::Full(consumer))
+    }
+
+    /// Attaches a register-only consumer at `addr`: `f(regs, ctx)` runs on every hit until
+    /// [`Live::detach`]. A probe whose every consumer is register-only is hit without saving the
+    /// extended state (general registers and flags only — the kernel optprobe's cost class); one
+    /// with any [`Live::attach`] consumer takes the full-state path, for all its consumers.
+    /// Where the instruction cannot be optimized the probe stays a breakpoint, with the same
+    /// contract.
+    ///
+    /// Errors: [`LiveError::NullConsumer`] for `None`; otherwise as [`Live::attach`].
+    ///
+    /// # Safety
+    ///
+    /// `f` touches no x87, MXCSR, SSE/AVX/AVX-512 or AMX state (integer code: eBPF JIT output,
+    /// code built without SSE), is async-signal-safe (it runs in signal handlers and in the
+    /// middle of arbitrary code: no allocation, no lock another thread may hold), and may be
+    /// called with `ctx` from any thread until `detach` of this probe returned.
+    pub unsafe fn attach_raw(
+        &self,
+        addr: u64,
+        f: Option<RawConsumer>,
+        ctx: *mut core::ffi::c_void,
+    ) -> Result<Attached, LiveError> {
+        let f = f.ok_or(LiveError::NullConsumer)?;
+        self.attach_hook(
+            addr,
+            Hook::Raw {
+                f,
+                ctx: ctx as usize,
+            },
+        )
+    }
+
+    fn attach_hook(&self, addr: u64, hook: Hook) -> Result<Attached, LiveError> {
+        let consumer = Arc::new(hook);
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let space = self.opt.space();
         space.check_boundary(addr)?;
         self.refresh_locked()?;
         let key = self.key_at(addr).ok_or(LiveError::NoSymbol)?;
-        if self.xol_map.get(addr).is_none() {
+        if space.xol_map.get(addr).is_none() {
             let mut orig = [0u8; insn::MAX_INSN];
             let end = space.image.function_at(addr).map_or(addr, |f| f.1);
             let n = ((end - addr) as usize).min(insn::MAX_INSN);
@@ -970,7 +1098,14 @@ impl Live {
             let block = ((slot - space.area_range.0) / 64) as usize;
             // Release pairs with the Acquire in `ProcessCode::inside`.
             space.slot_resume[block].store(i.next(), Ordering::Release);
-            self.xol_map.insert(addr, slot)?;
+            // Kept for the life of the process, like the XOL copy it names (bounded by the
+            // number of distinct addresses ever probed).
+            let ctx: &'static ProbeCtx = Box::leak(Box::new(ProbeCtx {
+                addr,
+                xol: slot,
+                list: AtomicPtr::new(core::ptr::null_mut()),
+            }));
+            space.xol_map.insert(addr, ctx)?;
         }
         self.reg.register(key, consumer.clone())?;
         let armed = self.opt.register(addr);
@@ -979,6 +1114,7 @@ impl Live {
             self.reg.sync();
             return Err(e.into());
         }
+        self.publish(&w, addr, key);
         Ok(Attached {
             addr,
             key,
@@ -989,13 +1125,49 @@ impl Live {
     /// Detaches a probe: once this returns its consumer never runs again, and if it was the
     /// last one at its address the original instruction is back.
     pub fn detach(&self, a: Attached) -> Result<(), LiveError> {
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.reg.unregister(&a.key, &a.consumer)?;
+        // The trampoline's list loses it (and becomes null with the last one) before the
+        // optimizer hears of the detach.
+        self.publish(&w, a.addr, a.key);
         self.opt.unregister(a.addr)?;
         self.opt.wait_for_optimizer();
         // No hit still holds the old consumer list after this.
         self.reg.sync();
         Ok(())
+    }
+
+    /// Rebuilds the hit list of the probe at `addr` from the registry's consumers of `key` and
+    /// publishes it; frees the old one after a grace period (the [`ProbeCtx`] invariants).
+    fn publish(&self, w: &Writer, addr: u64, key: ProbeKey) {
+        let Some(ctx) = self.opt.space().xol_map.get(addr) else {
+            return;
+        };
+        let hooks: Vec<Arc<Hook>> = {
+            let read = self.reg.read(&w.reader);
+            read.lookup(&key)
+                .map(|p| p.consumers().to_vec())
+                .unwrap_or_default()
+        };
+        let new = if hooks.is_empty() {
+            core::ptr::null_mut()
+        } else {
+            Box::into_raw(Box::new(HitList {
+                full: hooks.iter().any(|h| matches!(**h, Hook::Full(_))),
+                hooks: hooks.into_boxed_slice(),
+            }))
+        };
+        // AcqRel: Release publishes the new list to hits (pairs with their Acquire load in
+        // `trampoline_entry`); Acquire orders our later free after the previous publisher's
+        // writes to the old one.
+        let old = ctx.list.swap(new, Ordering::AcqRel);
+        if !old.is_null() {
+            // Every hit that may hold `old` is inside a registry read section.
+            self.reg.sync();
+            // SAFETY: `old` came from `Box::into_raw` here, is unreachable now, and a grace period
+            // passed since it was (INVARIANT of ProbeCtx).
+            drop(unsafe { Box::from_raw(old) });
+        }
     }
 
     /// Trampolines prepared, of them reused after a quiescence wait, and freed so far.
@@ -1058,7 +1230,7 @@ impl Live {
         let read = self.reg.read(reader);
         if let Some(p) = read.lookup(&key) {
             for c in p.consumers() {
-                c(regs);
+                c.call(regs);
             }
         }
     }
@@ -1248,85 +1420,66 @@ impl RangeTable {
 /// Bytes reserved per trampoline.
 const TRAMPOLINE: usize = 512;
 
-/// The registers a trampoline saves, in the order its pushes leave them in memory.
-#[repr(C)]
-struct Saved {
-    r15: u64,
-    r14: u64,
-    r13: u64,
-    r12: u64,
-    r11: u64,
-    r10: u64,
-    r9: u64,
-    r8: u64,
-    rdi: u64,
-    rsi: u64,
-    rbp: u64,
-    rbx: u64,
-    rdx: u64,
-    rcx: u64,
-    rax: u64,
-    rflags: u64,
-}
-
 /// The red zone below RSP that leaf code may use at any instruction boundary (SysV x86-64).
 const RED_ZONE: u64 = 128;
 
-/// A trampoline at `at` for the jump range at `addr`: returns its code and the address of its
-/// displaced-instructions entry.
+/// A trampoline at `at` for the probe whose context is `ctx` (its jump range `range`): returns
+/// its code and the address of its displaced-instructions entry.
 ///
 /// ```text
-/// at:        lea rsp, [rsp-128]          ; step over the red zone (no flags change)
-///            pushfq ; push rax … r15     ; the `Saved` frame
-///            cld ; mov rbx, rsp ; and rsp, -64 ; sub rsp, xsave_size
-///            zero the XSAVE header ; xsave64 [rsp] (all components: the consumers may use
-///            SSE/AVX, the interrupted code may hold live vector registers)
-///            mov rdi, rbx ; movabs rsi, addr ; movabs rdx, at ; movabs rax, trampoline_entry
-///            call rax
-///            xrstor64 [rsp] ; mov rsp, rbx ; pop r15 … rax ; popfq ; lea rsp, [rsp+128]
+/// at:        lea rsp, [rsp-128]                 ; step over the red zone (no flags change)
+///            pushfq ; lea rsp, [rsp-8]          ; rflags, the rip slot
+///            push r15 … r8 ; lea rsp, [rsp-8]   ; the rsp slot
+///            push rbp, rdi, rsi, rdx, rcx, rbx, rax   ; RSP now points at a `Regs`
+///            cld ; mov rbx, rsp
+///            sub rsp, xsave_size ; and rsp, -64 ; the extended-state area (touched only if used)
+///            mov rdi, rbx ; movabs rsi, ctx ; mov rdx, rsp ; movabs rcx, at
+///            movabs rax, trampoline_entry ; call rax
+///            mov rsp, rbx ; pop rax … rbp ; lea rsp, [rsp+8] ; pop r8 … r15
+///            lea rsp, [rsp+8] ; popfq ; lea rsp, [rsp+128]
 /// displaced: the covered instructions, relocated ; jmp addr + len
 /// ```
+///
+/// The trampoline saves only what every hit needs (general registers and flags, as the
+/// consumers' `Regs`); `trampoline_entry` saves the extended state when, and only when, a
+/// consumer of the probe may change it.
 fn trampoline(
     at: u64,
-    addr: u64,
+    ctx: &'static ProbeCtx,
     xsave_size: u32,
     range: &crate::detour::JumpRange,
 ) -> Result<(Vec<u8>, u64), Refusal> {
     let mut c: Vec<u8> = Vec::with_capacity(TRAMPOLINE);
-    c.extend_from_slice(&[0x48, 0x8D, 0x64, 0x24, 0x80]); // lea rsp, [rsp-128]
+    let lea_rsp = |c: &mut Vec<u8>, d: i8| c.extend_from_slice(&[0x48, 0x8D, 0x64, 0x24, d as u8]);
+    lea_rsp(&mut c, -128); // lea rsp, [rsp-128]
     c.push(0x9C); // pushfq
-    c.extend_from_slice(&[0x50, 0x51, 0x52, 0x53, 0x55, 0x56, 0x57]); // rax rcx rdx rbx rbp rsi rdi
-    for r in 0..8u8 {
-        c.extend_from_slice(&[0x41, 0x50 + r]); // r8 … r15
+    lea_rsp(&mut c, -8); // the rip slot
+    for r in (0..8u8).rev() {
+        c.extend_from_slice(&[0x41, 0x50 + r]); // push r15 … r8
     }
+    lea_rsp(&mut c, -8); // the rsp slot
+    c.extend_from_slice(&[0x55, 0x57, 0x56, 0x52, 0x51, 0x53, 0x50]); // rbp rdi rsi rdx rcx rbx rax
     c.push(0xFC); // cld
     c.extend_from_slice(&[0x48, 0x89, 0xE3]); // mov rbx, rsp
-    c.extend_from_slice(&[0x48, 0x83, 0xE4, 0xC0]); // and rsp, -64
     c.extend_from_slice(&[0x48, 0x81, 0xEC]); // sub rsp, imm32
     c.extend_from_slice(&xsave_size.to_le_bytes());
-    c.extend_from_slice(&[0x48, 0x8D, 0xBC, 0x24, 0x00, 0x02, 0x00, 0x00]); // lea rdi, [rsp+512]
-    c.extend_from_slice(&[0x31, 0xC0]); // xor eax, eax
-    c.extend_from_slice(&[0xB9, 0x40, 0, 0, 0]); // mov ecx, 64
-    c.extend_from_slice(&[0xF3, 0xAA]); // rep stosb
-    c.extend_from_slice(&[0xB8, 0xFF, 0xFF, 0xFF, 0xFF]); // mov eax, -1
-    c.extend_from_slice(&[0xBA, 0xFF, 0xFF, 0xFF, 0xFF]); // mov edx, -1
-    c.extend_from_slice(&[0x48, 0x0F, 0xAE, 0x24, 0x24]); // xsave64 [rsp]
+    c.extend_from_slice(&[0x48, 0x83, 0xE4, 0xC0]); // and rsp, -64
     c.extend_from_slice(&[0x48, 0x89, 0xDF]); // mov rdi, rbx
-    c.extend_from_slice(&[0x48, 0xBE]); // movabs rsi, addr
-    c.extend_from_slice(&addr.to_le_bytes());
-    c.extend_from_slice(&[0x48, 0xBA]); // movabs rdx, at
+    c.extend_from_slice(&[0x48, 0xBE]); // movabs rsi, ctx
+    c.extend_from_slice(&(ctx as *const ProbeCtx as u64).to_le_bytes());
+    c.extend_from_slice(&[0x48, 0x89, 0xE2]); // mov rdx, rsp
+    c.extend_from_slice(&[0x48, 0xB9]); // movabs rcx, at
     c.extend_from_slice(&at.to_le_bytes());
     c.extend_from_slice(&[0x48, 0xB8]); // movabs rax, trampoline_entry
     c.extend_from_slice(&(trampoline_entry as *const () as u64).to_le_bytes());
     c.extend_from_slice(&[0xFF, 0xD0]); // call rax
-    c.extend_from_slice(&[0xB8, 0xFF, 0xFF, 0xFF, 0xFF]); // mov eax, -1
-    c.extend_from_slice(&[0xBA, 0xFF, 0xFF, 0xFF, 0xFF]); // mov edx, -1
-    c.extend_from_slice(&[0x48, 0x0F, 0xAE, 0x2C, 0x24]); // xrstor64 [rsp]
     c.extend_from_slice(&[0x48, 0x89, 0xDC]); // mov rsp, rbx
-    for r in (0..8u8).rev() {
-        c.extend_from_slice(&[0x41, 0x58 + r]); // pop r15 … r8
+    c.extend_from_slice(&[0x58, 0x5B, 0x59, 0x5A, 0x5E, 0x5F, 0x5D]); // rax rbx rcx rdx rsi rdi rbp
+    lea_rsp(&mut c, 8);
+    for r in 0..8u8 {
+        c.extend_from_slice(&[0x41, 0x58 + r]); // pop r8 … r15
     }
-    c.extend_from_slice(&[0x5F, 0x5E, 0x5D, 0x5B, 0x5A, 0x59, 0x58]); // rdi rsi rbp rbx rdx rcx rax
+    lea_rsp(&mut c, 8);
     c.push(0x9D); // popfq
     c.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0, 0, 0]); // lea rsp, [rsp+128]
     let displaced = at + c.len() as u64;
@@ -1337,58 +1490,88 @@ fn trampoline(
     Ok((c, displaced))
 }
 
-/// Called by every trampoline (sysv64: `saved` in RDI, the probe's address in RSI, the
-/// trampoline's own address in RDX), on the probed thread's stack with its registers saved.
-extern "sysv64" fn trampoline_entry(saved: *mut Saved, addr: u64, tramp: u64) {
+/// Called by every trampoline (sysv64: the pushed `Regs` frame in RDI, the probe's context in
+/// RSI, the extended-state area in RDX, the trampoline's own address in RCX), on the probed
+/// thread's stack with its general registers and flags saved.
+///
+/// # Implementation details
+///
+/// This function, and everything it runs before [`run_full`] saves the extended state and after
+/// it restores it, must touch no vector, x87 or MXCSR state: the interrupted code's values are
+/// still in those registers. It is integer code by construction (no floats, no copies of large
+/// values — the consumers get a reference to the pushed frame, never a copy), and a test
+/// (`tests/state_preservation.rs`) disassembles it and everything it calls directly to prove it.
+/// Per hit: one thread-local read, the pool claim (a swap on this thread's own line), one
+/// registry read section, one load of the probe's list — no tree lookup and no address-space
+/// resolve: the trampoline *is* the probe's, as a kernel optprobe's is.
+#[inline(never)]
+extern "sysv64" fn trampoline_entry(
+    frame: *mut Regs,
+    ctx: &'static ProbeCtx,
+    area: *mut u8,
+    tramp: u64,
+) {
     let Some(live) = LIVE.get().copied() else {
         return;
     };
     let outer = IN_TRAMPOLINE.with(|t| t.replace((tramp, t.get().1 + 1)));
-    // SAFETY: the trampoline passes a pointer to the frame it just pushed.
-    let s = unsafe { &*saved };
+    // SAFETY: the trampoline passes the frame it just pushed, laid out as `Regs`; the two slots
+    // it left for RSP and RIP are filled here, once, before anyone reads the frame.
+    let regs = unsafe {
+        (*frame).rsp = frame as u64 + core::mem::size_of::<Regs>() as u64 + RED_ZONE;
+        (*frame).rip = ctx.addr;
+        &*frame
+    };
     let pooled = live.claim();
     {
-        let guard = live.opt.rcu().read_lock(&pooled.opt);
-        if live.opt.on_trampoline(&guard, addr) {
-            let regs = Regs {
-                rax: s.rax,
-                rbx: s.rbx,
-                rcx: s.rcx,
-                rdx: s.rdx,
-                rsi: s.rsi,
-                rdi: s.rdi,
-                rbp: s.rbp,
-                // Where RSP was at the probe: above the frame and the red zone.
-                rsp: saved as u64 + core::mem::size_of::<Saved>() as u64 + RED_ZONE,
-                r8: s.r8,
-                r9: s.r9,
-                r10: s.r10,
-                r11: s.r11,
-                r12: s.r12,
-                r13: s.r13,
-                r14: s.r14,
-                r15: s.r15,
-                rip: addr,
-                rflags: s.rflags,
-            };
-            live.run_consumers(&pooled.reg, addr, &regs);
+        let _guard = live.reg.rcu().read_lock(&pooled.reg);
+        // Acquire pairs with the AcqRel swap in `Live::publish`.
+        let list = ctx.list.load(Ordering::Acquire);
+        if !list.is_null() {
+            // SAFETY: a published list stays allocated until a grace period after it is swapped
+            // out, and we are inside a read section of that domain (INVARIANT of ProbeCtx).
+            let list = unsafe { &*list };
+            if list.full {
+                // SAFETY: `area` is the trampoline's `xsave_size` bytes, 64-byte aligned, below
+                // the frame, sized for `live`'s XState.
+                unsafe { run_full(&live.opt.space().xstate, list, regs, area) };
+            } else {
+                for h in list.hooks.iter() {
+                    h.call(regs);
+                }
+            }
         }
     }
     Live::release(pooled);
     IN_TRAMPOLINE.with(|t| t.set(outer));
 }
 
-/// XSAVE area size for every enabled component (CPUID.(EAX=0DH, ECX=0):EBX), rounded up to 64;
-/// 0 if the CPU or OS has no XSAVE (then no probe is optimized).
-fn xsave_size() -> u32 {
-    let l1 = core::arch::x86_64::__cpuid(1);
-    let xsave_and_osxsave = (1 << 26) | (1 << 27);
-    if l1.ecx & xsave_and_osxsave != xsave_and_osxsave {
-        return 0;
+/// The full-state hit: save the extended state, give the consumers the ABI's clean state, run
+/// them, restore.
+///
+/// # Safety
+///
+/// `area` is `xs.size` writable bytes, 64-byte aligned, on this thread's stack below the frame.
+#[inline(never)]
+unsafe fn run_full(xs: &XState, list: &HitList, regs: &Regs, area: *mut u8) {
+    // Touch the area's pages from the top down, as a stack probe does: a thread near the end of
+    // its stack faults on its guard page here instead of the save writing past it.
+    let mut off = xs.size as usize;
+    while off > 0 {
+        off = off.saturating_sub(4096);
+        // SAFETY: inside `area` (the caller's contract).
+        unsafe { core::ptr::read_volatile(area.add(off)) };
     }
-    // Leaf 0xD exists when XSAVE is supported.
-    let d = core::arch::x86_64::__cpuid_count(0xD, 0);
-    d.ebx.div_ceil(64) * 64
+    // SAFETY: the caller's contract; `xs` is this CPU's (or forced for a test).
+    unsafe {
+        xs.save(area);
+        xs.reset_for_abi(area);
+    }
+    for h in list.hooks.iter() {
+        h.call(regs);
+    }
+    // SAFETY: `area` holds what `save` just wrote, on this thread.
+    unsafe { xs.restore(area) };
 }
 
 /// The signal the quiescence scan sends to every other thread.
@@ -1539,7 +1722,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
                     live.run_consumers(&pooled.reg, addr, &regs_of(gregs, addr));
                 }
                 match then {
-                    Then::Step => live.xol_map.get(addr),
+                    Then::Step => live.opt.space().xol_map.get(addr).map(|c| c.xol),
                     Then::Detour(d) => Some(d.displaced),
                 }
             }
