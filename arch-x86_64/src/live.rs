@@ -226,7 +226,31 @@ fn os(what: &'static str) -> LiveError {
     }
 }
 
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+
+/// The heavy half of the hit path's asymmetric fence ([`SlotRcu::with_heavy_barrier`]): every
+/// running thread of the process executes a full barrier. Registered at install, after which
+/// the kernel does not fail it; if it ever did, the grace period it belongs to would be unsound,
+/// so the process stops rather than free memory a reader may hold.
+fn heavy_barrier() {
+    if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED).is_err() {
+        std::process::abort();
+    }
+}
+
+/// The RCU domains of the hit path: asymmetric (readers pay a compiler fence, grace periods a
+/// membarrier) when the kernel has `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, symmetric otherwise.
+fn hit_rcu() -> SlotRcu {
+    if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED).is_ok() {
+        // SAFETY: registered, so `heavy_barrier` makes every thread of this process (the only
+        // ones that hold our readers) execute a full barrier before it returns.
+        unsafe { SlotRcu::with_heavy_barrier(heavy_barrier) }
+    } else {
+        SlotRcu::new()
+    }
+}
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 
 fn membarrier(cmd: libc::c_int) -> Result<(), LiveError> {
@@ -948,9 +972,9 @@ impl Live {
                 trampolines_reused: AtomicU64::new(0),
                 trampolines_freed: AtomicU64::new(0),
             },
-            SlotRcu::new(),
+            hit_rcu(),
         )));
-        let reg: &'static Reg = Box::leak(Box::new(Registry::new(SlotRcu::new())));
+        let reg: &'static Reg = Box::leak(Box::new(Registry::new(hit_rcu())));
         let mut pool = Vec::with_capacity(POOL);
         for _ in 0..POOL {
             pool.push(Pooled {

@@ -31,6 +31,23 @@ pub fn fence(order: Ordering) {
     imp::fence(order)
 }
 
+/// The light half of an asymmetric fence pair: a compiler fence only, made a full fence after
+/// the fact by the other side's *heavy* barrier (on Linux, `membarrier(2)` with
+/// `MEMBARRIER_CMD_PRIVATE_EXPEDITED`: every running thread of the process executes a full
+/// memory barrier before it returns; a thread not running has passed one at its context switch).
+///
+/// Use it only where the code it pairs with runs that heavy barrier before relying on the order
+/// (see [`crate::rcu::SlotRcu::with_heavy_barrier`]). Under loom, which cannot model the heavy
+/// barrier, it is a SeqCst fence: the model checks the protocol with the guarantee the pair
+/// gives, not the mechanism.
+#[inline(always)]
+pub fn light_fence() {
+    #[cfg(loom)]
+    imp::fence(Ordering::SeqCst);
+    #[cfg(not(loom))]
+    core::sync::atomic::compiler_fence(Ordering::SeqCst);
+}
+
 /// The hint to call inside a spin-wait loop.
 ///
 /// Under loom it yields to the model scheduler, which is what lets loom explore a spin loop to

@@ -1,6 +1,10 @@
 //! `SlotRcu`: nothing a reader may still see is freed before a grace period (Invariant 2).
 //!
-//! Two threads (a reader, an updater that unlinks, defers the free and waits); unbounded.
+//! Two threads (a reader, an updater that unlinks, defers the free and waits); unbounded. Both
+//! modes of the domain: symmetric (SeqCst fences on both sides) and asymmetric (the reader's
+//! light fence, the updater's heavy barrier — modelled as the SeqCst fence it amounts to; that a
+//! real heavy barrier gives that is checked on hardware by `probe-arch-x86_64`'s
+//! `asymmetric_fence` test).
 
 #![cfg(loom)]
 
@@ -37,8 +41,27 @@ fn unlink_and_free(rcu: &SlotRcu, ptr: &AtomicPtr<Obj>) {
 }
 
 fn model() {
-    common::explore("rcu", common::unbounded(), &[false, true], move || {
-        let rcu = Arc::new(SlotRcu::new());
+    model_of("rcu", SlotRcu::new);
+}
+
+/// Under loom the heavy barrier has nothing to do: the light fence is modelled as the SeqCst
+/// fence the pair amounts to (`probe_core::sync::light_fence`).
+fn model_heavy_barrier() {}
+
+/// The asymmetric domain: the reader's other code path (a plain store and the light fence).
+fn asymmetric() -> SlotRcu {
+    // SAFETY: under loom the light fence is a SeqCst fence, which is the guarantee the heavy
+    // barrier's contract asks for.
+    unsafe { SlotRcu::with_heavy_barrier(model_heavy_barrier) }
+}
+
+fn model_asymmetric() {
+    model_of("rcu asymmetric", asymmetric);
+}
+
+fn model_of(name: &'static str, make: fn() -> SlotRcu) {
+    common::explore(name, common::unbounded(), &[false, true], move || {
+        let rcu = Arc::new(make());
         let obj = Box::into_raw(Box::new(Obj {
             check: FreeCheck::new(),
         }));
@@ -79,6 +102,21 @@ fn seeded_synchronize_does_not_wait() {
 #[test]
 fn seeded_reader_enters_without_fence() {
     common::must_catch(Bug::RcuReaderNoFence, model);
+}
+
+#[test]
+fn rcu_asymmetric_no_free_before_grace_period() {
+    model_asymmetric();
+}
+
+#[test]
+fn seeded_asymmetric_synchronize_does_not_wait() {
+    common::must_catch(Bug::RcuNoGracePeriod, model_asymmetric);
+}
+
+#[test]
+fn seeded_asymmetric_reader_enters_without_fence() {
+    common::must_catch(Bug::RcuReaderNoFence, model_asymmetric);
 }
 
 /// Nested read sections: the outer one still protects after the inner one ends.

@@ -3,7 +3,12 @@
 //! * no probe (the call itself);
 //! * probe-core's breakpoint path (INT3 → SIGTRAP → lock-free resolve → consumer → XOL/trampoline
 //!   code → back);
-//! * probe-core's jump path (JMP → trampoline → consumer → displaced code → back);
+//! * probe-core's jump path (JMP → trampoline → consumer → displaced code → back), with a
+//!   closure consumer (the whole extended state saved around it) and with a register-only one
+//!   (`attach_raw`: general registers and flags only);
+//! * the floor of the full-state jump path: the save+restore pair alone with the instruction the
+//!   trampoline chose for this CPU (`XSAVEC` over XCR0 here), and the `FXSAVE` pair (what an
+//!   interceptor that loses AVX state pays);
 //! * a bare SIGTRAP round trip (INT3 and a handler that only returns: the floor of any
 //!   in-process trap design);
 //! * the kernel's own uprobe on the same function (tracefs `uprobe_events`), when this runs as
@@ -24,6 +29,7 @@ fn main() {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use probe_arch_x86_64::live::{Consumer, Live, Regs};
+    use probe_arch_x86_64::xstate::{SaveInsn, XState};
     use std::hint::black_box;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,11 +51,38 @@ mod imp {
         "lea rax, [rdi + 1]",
         "ret",
         ".size live_bench_trap, . - live_bench_trap",
+        // A register-only consumer: counts in its context.
+        ".globl live_bench_raw",
+        ".type live_bench_raw, @function",
+        "live_bench_raw:",
+        "inc qword ptr [rsi]",
+        "ret",
+        ".size live_bench_raw, . - live_bench_raw",
     );
 
     unsafe extern "sysv64" {
         fn live_bench_target(x: u64) -> u64;
         fn live_bench_trap(x: u64) -> u64;
+    }
+
+    unsafe extern "C" {
+        fn live_bench_raw(regs: &Regs, ctx: *mut core::ffi::c_void);
+    }
+
+    /// ns per save+restore pair of the interrupted state with `xs` (the floor of a full-state
+    /// hit), median of 5 runs of `n`.
+    fn save_pair(n: u64, xs: XState) -> f64 {
+        let mut area = vec![0u8; xs.size as usize + 64];
+        let off = area.as_ptr().align_offset(64);
+        let at = area[off..].as_mut_ptr();
+        per_call(n, |x| {
+            // SAFETY: `at` is 64-byte aligned with `xs.size` bytes; `xs` is this CPU's.
+            unsafe {
+                xs.save(at);
+                xs.restore(at);
+            }
+            x
+        })
     }
 
     /// ns per call of `f`, the median of 5 runs of `n` calls.
@@ -137,6 +170,7 @@ mod imp {
     }
 
     pub fn main() {
+        let xs = XState::detect();
         let live = Live::install().expect("install the live embedding");
         let start = live.symbol("live_bench_target").expect("symbol");
         let hits = Arc::new(AtomicU64::new(0));
@@ -157,34 +191,76 @@ mod imp {
         live.detach(a).expect("detach");
         let after = hits.load(Ordering::Relaxed);
         assert_eq!(after, 5 * (slow + fast), "one consumer call per hit");
-        let floor = bare_sigtrap(slow);
+
+        let raw_hits: &'static mut u64 = Box::leak(Box::new(0));
+        let ctx = (raw_hits as *mut u64).cast::<core::ffi::c_void>();
+        // SAFETY: live_bench_raw only increments its context, an integer it owns for good.
+        let r = unsafe { live.attach_raw(start, Some(live_bench_raw), ctx) }.expect("attach_raw");
+        live.run_optimizer();
+        assert!(live.is_optimized(start), "the probe should be a jump now");
+        let jump_raw = per_call(fast, target);
+        live.detach(r).expect("detach");
+        // SAFETY: read after detach returned: no hit runs the consumer any more.
+        let raw_counted = unsafe { core::ptr::read_volatile(ctx.cast::<u64>()) };
+        assert_eq!(raw_counted, 5 * fast, "one register-only call per hit");
+
+        let floor = save_pair(fast, xs);
+        let fx = save_pair(fast, XState::with(SaveInsn::Fxsave));
+        let bare = bare_sigtrap(slow);
         // The function's file offset (what uprobe_events wants), from the live embedding's own
         // address-space model (filled from /proc/self/maps).
         let offset = live.key_at(start).expect("the function's mapping").offset;
         let kernel = kernel_uprobe(slow, offset);
 
-        println!("per-hit cost on `live_bench_target` (lea; nop; ret), median of 5 runs:");
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        println!(
+            "per-hit cost on `live_bench_target` (lea; nop; ret), median of 5 runs; {cpu}, {} CPUs; \
+             state save: {:?} over XCR0 {:#x}, {} bytes",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            xs.insn,
+            xs.mask,
+            xs.size
+        );
         println!("| path | ns per call | ns over no probe |");
         println!("|---|---|---|");
         let row = |name: &str, ns: f64| println!("| {name} | {ns:.1} | {:.1} |", ns - none);
         row("no probe", none);
-        row("probe-core jump path (trampoline)", jump);
+        row("probe-core jump path, closure consumer (full state)", jump);
+        row("probe-core jump path, register-only consumer", jump_raw);
         row("probe-core breakpoint path (SIGTRAP)", breakpoint);
-        row("bare SIGTRAP round trip (handler returns)", floor);
+        row("bare SIGTRAP round trip (handler returns)", bare);
+        println!("| state-save floor: {:?} + XRSTOR pair alone | {floor:.1} | |", xs.insn);
+        println!("| FXSAVE + FXRSTOR pair (x87/SSE only: loses AVX state) | {fx:.1} | |");
         match &kernel {
-            Ok(k) => {
-                row("kernel uprobe (tracefs, ring-buffer event)", *k);
-                println!(
-                    "kernel uprobe / probe-core jump path: {:.1}x (over no probe: {:.1}x)",
-                    k / jump,
-                    (k - none) / (jump - none)
-                );
-            }
+            Ok(k) => row("kernel uprobe (tracefs, ring-buffer event)", *k),
             Err(why) => println!("kernel uprobe: skipped — {why}"),
         }
         println!(
-            "probe-core breakpoint path / bare SIGTRAP: {:.2}x; consumer calls counted: {after}",
-            breakpoint / floor
+            "full-state jump path / (floor + no probe): {:.2}x",
+            jump / (floor + none)
+        );
+        println!(
+            "register-only jump path over no probe: {:.1} ns",
+            jump_raw - none
+        );
+        if let Ok(k) = &kernel {
+            println!(
+                "kernel uprobe / jump path: {:.1}x (full state), {:.1}x (register-only)",
+                k / jump,
+                k / jump_raw
+            );
+        }
+        println!(
+            "breakpoint path / bare SIGTRAP: {:.2}x; consumer calls counted: {after} + {raw_counted}",
+            breakpoint / bare
         );
     }
 }

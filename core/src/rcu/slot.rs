@@ -34,6 +34,15 @@
 //! calls `synchronize` from a context outside any read section (a worker, a timer), as a kernel
 //! runs RCU callbacks from softirq.
 //!
+//! **Asymmetric mode** ([`SlotRcu::with_heavy_barrier`]): the reader's R-enter fence becomes a
+//! compiler fence ([`crate::sync::light_fence`]) and the updater runs the embedder's heavy
+//! barrier before U-scan — the handshake then costs the reader nothing (on x86 the SeqCst fence
+//! is an `MFENCE`, ~11 ns of a ~35 ns probe hit on the Xeon measured) and the updater a system
+//! call per grace period. liburcu's `urcu-memb` flavour is the same idea. Under loom the light
+//! fence is a SeqCst fence, so the models check the protocol under the guarantee the pair gives;
+//! whether a given heavy barrier gives it is checked on hardware (the x86_64 crate's
+//! `asymmetric_fence` test, which also shows the reordering without it).
+//!
 //! The read side is async-signal-safe provided a signal handler (or interrupt) enters through
 //! its own reader handle, never one the code it interrupted may be entering or leaving with:
 //! entering and leaving are a store and a fence on the reader's own slot, never an allocation,
@@ -86,6 +95,8 @@ struct Slot {
 /// assert!(freed.load(Ordering::SeqCst));
 /// ```
 pub struct SlotRcu {
+    /// The embedder's heavy barrier (asymmetric mode), or `None`.
+    heavy: Option<fn()>,
     slots: AtomicPtr<CachePadded<Slot>>,
     pending: AtomicPtr<DeferredNode>,
     /// Readers of other domains inside a read section of this one.
@@ -122,6 +133,8 @@ pub struct SlotReader<'d> {
     /// This reader's private copy of its slot's counter: entering and leaving a read section is
     /// then one store each, with no load of the shared slot.
     shadow: Cell<usize>,
+    /// The domain is asymmetric (copied here so entering reads only the reader's own memory).
+    light: bool,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -168,10 +181,27 @@ impl SlotRcu {
     /// An empty domain.
     pub fn new() -> Self {
         Self {
+            heavy: None,
             slots: AtomicPtr::new(ptr::null_mut()),
             pending: AtomicPtr::new(ptr::null_mut()),
             overflow: CachePadded::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// An empty domain in asymmetric mode (module docs): readers enter with a compiler fence
+    /// only, and every grace period first runs `heavy`.
+    ///
+    /// # Safety
+    ///
+    /// When `heavy` returns, every thread that may hold one of this domain's readers has executed
+    /// a full memory barrier since `heavy` was called (or is not running and passed one when it
+    /// stopped) — what Linux's `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` guarantees for the
+    /// threads of the calling process, once the process registered for it. `heavy` never fails:
+    /// an embedder whose barrier can fail uses [`SlotRcu::new`].
+    pub unsafe fn with_heavy_barrier(heavy: fn()) -> Self {
+        let mut d = Self::new();
+        d.heavy = Some(heavy);
+        d
     }
 
     fn reader_for<'d>(&'d self, slot: &'d Slot) -> SlotReader<'d> {
@@ -183,12 +213,18 @@ impl SlotRcu {
             domain: self,
             nest: Cell::new(0),
             shadow,
+            light: self.heavy.is_some(),
             _not_sync: PhantomData,
         }
     }
 
     /// Waits until every read section that was open when this was called has ended.
     fn wait_for_readers(&self) {
+        // Asymmetric mode: the heavy barrier makes every reader's light fence a full one (the
+        // constructor's contract) before U-scan.
+        if let Some(heavy) = self.heavy {
+            heavy();
+        }
         // U-scan. Pairs with the SeqCst fence in `enter` (R-enter): either that reader sees our
         // unlink, or we see its odd counter below.
         fence(Ordering::SeqCst);
@@ -335,11 +371,25 @@ fn enter(reader: &SlotReader<'_>) {
         // read-modify-write (the slot's `in_use` claim) against the scan, and then reports a
         // grace period that missed this reader (tokio-rs/loom#424). The line is the reader's
         // own, so the RMW costs no sharing, only a few cycles before the fence below.
-        reader.slot.state.swap(s, Ordering::Relaxed);
         #[cfg(loom)]
         let skip = crate::seeded::is(crate::seeded::Bug::RcuReaderNoFence);
         #[cfg(not(loom))]
         let skip = false;
+        if reader.light {
+            // Asymmetric: a plain store (the swap above is for loom, which models the light
+            // fence as SeqCst and needs it there too).
+            #[cfg(loom)]
+            reader.slot.state.swap(s, Ordering::Relaxed);
+            #[cfg(not(loom))]
+            reader.slot.state.store(s, Ordering::Relaxed);
+            if !skip {
+                // R-enter, light half. Pairs with the heavy barrier and SeqCst fence in
+                // `wait_for_readers` (U-scan).
+                crate::sync::light_fence();
+            }
+            return;
+        }
+        reader.slot.state.swap(s, Ordering::Relaxed);
         if !skip {
             // R-enter. Pairs with the SeqCst fence in `wait_for_readers` (U-scan).
             fence(Ordering::SeqCst);
