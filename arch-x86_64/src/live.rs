@@ -1374,6 +1374,53 @@ impl Live {
             .is_ok_and(|s| s.code == probe_core::optimizer::Code::Jump)
     }
 
+    /// The breakpoint handler's own work for a trap at `addr` (INT3 executed there): claim the
+    /// pooled readers, ask the optimizer, run the consumers with `regs()`, pick where the thread
+    /// goes next (`None`: not ours, chain to the program's handler), release.
+    fn breakpoint_hit(&self, addr: u64, regs: impl FnOnce() -> Regs) -> Option<u64> {
+        let pooled = self.claim();
+        let answer = {
+            let guard = self.opt.rcu().read_lock(&pooled.opt);
+            match self.opt.on_breakpoint(&guard, addr) {
+                Trap::Probe { fire, then } => {
+                    if fire {
+                        self.run_consumers(&pooled.reg, addr, &regs());
+                    }
+                    match then {
+                        Then::Step => self.opt.space().xol_map.get(addr).map(|c| c.xol),
+                        Then::Detour(d) => Some(d.displaced),
+                    }
+                }
+                // No probe at addr and no breakpoint there now. Either ours was removed after
+                // the thread trapped on it (re-execute the restored instruction), or the trap
+                // was the program's two-byte `INT 3` (CD 03), whose second byte is at addr: that
+                // one is not ours (re-executing from addr would run its immediate as code).
+                Trap::Restart => {
+                    let mut two = [0u8; 2];
+                    let space = self.opt.space();
+                    match space.read(addr.wrapping_sub(1), &mut two) {
+                        Ok(()) if two == [0xCD, 0x03] => None,
+                        _ => Some(addr),
+                    }
+                }
+                Trap::NotOurs => None,
+            }
+        };
+        Live::release(pooled);
+        answer
+    }
+
+    /// The SIGTRAP handler's own work for a hit at `addr` — everything it does except the
+    /// signal's delivery and return — run directly, for measuring (`live_hits` times it against
+    /// the whole breakpoint path). Returns where the thread would continue.
+    #[doc(hidden)]
+    pub fn breakpoint_work(&self, addr: u64) -> Option<u64> {
+        self.breakpoint_hit(addr, || Regs {
+            rip: addr,
+            ..Regs::default()
+        })
+    }
+
     fn release(p: &Pooled) {
         // Release pairs with the Acquire swap in `claim`.
         p.busy.store(false, Ordering::Release);
@@ -1737,35 +1784,7 @@ extern "C" fn on_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
     let rip = gregs[libc::REG_RIP as usize] as u64;
     // INT3 traps with RIP after itself.
     let addr = rip.wrapping_sub(1);
-    let pooled = live.claim();
-    let answer = {
-        let guard = live.opt.rcu().read_lock(&pooled.opt);
-        match live.opt.on_breakpoint(&guard, addr) {
-            Trap::Probe { fire, then } => {
-                if fire {
-                    live.run_consumers(&pooled.reg, addr, &regs_of(gregs, addr));
-                }
-                match then {
-                    Then::Step => live.opt.space().xol_map.get(addr).map(|c| c.xol),
-                    Then::Detour(d) => Some(d.displaced),
-                }
-            }
-            // No probe at rip-1 and no breakpoint there now. Either ours was removed after the
-            // thread trapped on it (re-execute the restored instruction), or the trap was the
-            // program's two-byte `INT 3` (CD 03), whose second byte is at rip-1: that one is not
-            // ours (re-executing from rip-1 would run its immediate as code).
-            Trap::Restart => {
-                let mut two = [0u8; 2];
-                let space = live.opt.space();
-                match space.read(rip.wrapping_sub(2), &mut two) {
-                    Ok(()) if two == [0xCD, 0x03] => None,
-                    _ => Some(addr),
-                }
-            }
-            Trap::NotOurs => None,
-        }
-    };
-    Live::release(pooled);
+    let answer = live.breakpoint_hit(addr, || regs_of(gregs, addr));
     match answer {
         Some(next) => {
             gregs[libc::REG_RIP as usize] = next as i64;
