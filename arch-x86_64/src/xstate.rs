@@ -388,7 +388,9 @@ mod tests {
     fn save_restore_round_trip_on_this_cpu() {
         let s = XState::detect();
         let mut area = std::vec![0u8; s.size as usize + 64];
-        let at = area.as_mut_ptr().wrapping_add(area.as_ptr().align_offset(64));
+        let at = area
+            .as_mut_ptr()
+            .wrapping_add(area.as_ptr().align_offset(64));
         // SAFETY: aligned, `size` bytes, this CPU's XState.
         unsafe {
             s.save(at);

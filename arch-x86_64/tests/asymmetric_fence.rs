@@ -85,11 +85,15 @@ fn light_fence_with_membarrier_forbids_store_buffering() {
         println!("skipped: no MEMBARRIER_CMD_PRIVATE_EXPEDITED on this kernel");
         return;
     }
-    let with = run(20_000, || assert!(membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)));
+    let with = run(20_000, || {
+        assert!(membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED))
+    });
     // Without the heavy barrier (a compiler fence on both sides) the forbidden outcome appears:
     // the litmus can see what it rules out. Reported, not asserted: how often depends on how
     // the two threads overlap on a loaded machine.
-    let without = run(200_000, || core::sync::atomic::compiler_fence(Ordering::SeqCst));
+    let without = run(200_000, || {
+        core::sync::atomic::compiler_fence(Ordering::SeqCst)
+    });
     println!(
         "store buffering: {with} of 20 000 rounds with membarrier, {without} of 200 000 without"
     );

@@ -81,7 +81,12 @@ mod imp {
         ".globl state_target",
         ".type state_target, @function",
         "state_target:",
-        "push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15",
+        "push rbx",
+        "push rbp",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
         "mov [rip + STATE_IN + 2456], rsp",
         // x87: default CW with 53-bit precision (0x027F), then eight values (st0 = f[0]).
         "fninit",
@@ -198,7 +203,12 @@ mod imp {
         "jb 23f",
         "vzeroupper",
         "23:",
-        "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbp",
+        "pop rbx",
         "ret",
         ".size state_target, . - state_target",
         // Init-state target: AVX and ZMM_Hi256 initial before the probe; XINUSE after.
@@ -225,8 +235,15 @@ mod imp {
         ".type raw_consumer, @function",
         "raw_consumer:",
         "inc qword ptr [rsi]",
-        "mov rax, -1", "mov rcx, -1", "mov rdx, -1", "mov rsi, -1", "mov rdi, -1",
-        "mov r8, -1", "mov r9, -1", "mov r10, -1", "xor r11, r11",
+        "mov rax, -1",
+        "mov rcx, -1",
+        "mov rdx, -1",
+        "mov rsi, -1",
+        "mov rdi, -1",
+        "mov r8, -1",
+        "mov r9, -1",
+        "mov r10, -1",
+        "xor r11, r11",
         "ret",
         ".size raw_consumer, . - raw_consumer",
     );
@@ -343,7 +360,11 @@ mod imp {
             bad.push("x87 stack".into());
         }
         if want.fcw & 0xFFFF != got.fcw & 0xFFFF {
-            bad.push(format!("x87 control word {:#x} -> {:#x}", want.fcw, got.fcw & 0xFFFF));
+            bad.push(format!(
+                "x87 control word {:#x} -> {:#x}",
+                want.fcw,
+                got.fcw & 0xFFFF
+            ));
         }
         // The exception flags (bits 0-5) are sticky status; the controls must come back.
         if want.mxcsr & !0x3F != got.mxcsr & !0x3F {
@@ -412,8 +433,14 @@ mod imp {
                 );
             }
             core::arch::asm!(
-                "fninit", "fld1", "fldz", "fld1", "fldpi",
-                "push 0x7F80", "ldmxcsr [rsp]", "add rsp, 8",
+                "fninit",
+                "fld1",
+                "fldz",
+                "fld1",
+                "fldpi",
+                "push 0x7F80",
+                "ldmxcsr [rsp]",
+                "add rsp, 8",
                 clobber_abi("C"),
             );
             let b = &raw mut BUF_B;
@@ -491,7 +518,11 @@ mod imp {
         };
         println!(
             "state preservation ({}): save {:?}, mask {:#x}, {} bytes; classes: gprs, flags, red zone, x87, MXCSR, xmm0-15{}{}",
-            if child { "child, FXSAVE forced" } else { "detected" },
+            if child {
+                "child, FXSAVE forced"
+            } else {
+                "detected"
+            },
             xs.insn,
             xs.mask,
             xs.size,
@@ -587,7 +618,9 @@ mod imp {
         // SAFETY: the static's address.
         let site = unsafe { &init_probe_site as *const u8 as u64 };
         let watched = component::AVX | if c.avx512 { component::ZMM_HI256 } else { 0 };
-        let a = live.attach(site, full_consumer_no_check(c)).expect("attach");
+        let a = live
+            .attach(site, full_consumer_no_check(c))
+            .expect("attach");
         for path in ["breakpoint", "jump"] {
             if path == "jump" {
                 live.run_optimizer();
@@ -604,10 +637,17 @@ mod imp {
             let ok = before & watched == 0 && after & watched == 0;
             println!(
                 "  init state, {path} path: XINUSE before {before:#x}, after {after:#x}: {}",
-                if ok { "initial components stayed initial" } else { "WRONG" }
+                if ok {
+                    "initial components stayed initial"
+                } else {
+                    "WRONG"
+                }
             );
             if before & watched != 0 {
-                println!("  (VZEROUPPER left {:#x} in use: check skipped)", before & watched);
+                println!(
+                    "  (VZEROUPPER left {:#x} in use: check skipped)",
+                    before & watched
+                );
             } else if after & watched != 0 {
                 failures.push(format!(
                     "init state, {path} path: components {:#x} in use after the hit",
@@ -661,8 +701,12 @@ mod imp {
             syms.lines().find_map(|l| {
                 let mut it = l.split_whitespace();
                 let (a, _t, name) = (it.next()?, it.next()?, it.next()?);
-                name.contains(needle)
-                    .then(|| (u64::from_str_radix(a, 16).ok().unwrap_or(0), name.to_string()))
+                name.contains(needle).then(|| {
+                    (
+                        u64::from_str_radix(a, 16).ok().unwrap_or(0),
+                        name.to_string(),
+                    )
+                })
             })
         };
         let Some((_, entry)) = find("4live16trampoline_entry") else {
@@ -722,7 +766,10 @@ mod imp {
                     }
                 }
                 if live_state && vector(ins) {
-                    offending.push(format!("{f}: {ins}{}", if after { " (after restore)" } else { "" }));
+                    offending.push(format!(
+                        "{f}: {ins}{}",
+                        if after { " (after restore)" } else { "" }
+                    ));
                 }
                 // Direct calls into our own code: check them too (indirect calls are the
                 // consumers, whose contract is theirs).
@@ -738,12 +785,22 @@ mod imp {
                 }
             }
         }
-        assert!(lines > 10, "disassembly of trampoline_entry came back empty ({lines} lines)");
+        assert!(
+            lines > 10,
+            "disassembly of trampoline_entry came back empty ({lines} lines)"
+        );
         println!(
             "  disassembly: {} functions, {lines} instructions before the save / after the restore: {}",
             checked.len(),
-            if offending.is_empty() { "no vector, x87 or MXCSR instruction".to_string() } else { format!("{offending:?}") }
+            if offending.is_empty() {
+                "no vector, x87 or MXCSR instruction".to_string()
+            } else {
+                format!("{offending:?}")
+            }
         );
-        assert!(offending.is_empty(), "vector state touched before the save: {offending:?}");
+        assert!(
+            offending.is_empty(),
+            "vector state touched before the save: {offending:?}"
+        );
     }
 }

@@ -195,7 +195,11 @@ mod imp {
         let jump = per_call(fast, target);
         live.detach(a).expect("detach");
         let after = hits.load(Ordering::Relaxed);
-        assert_eq!(after, 5 * (slow + 2 * fast), "one consumer call per hit (and per handler run)");
+        assert_eq!(
+            after,
+            5 * (slow + 2 * fast),
+            "one consumer call per hit (and per handler run)"
+        );
 
         let raw_hits: &'static mut u64 = Box::leak(Box::new(0));
         let ctx = (raw_hits as *mut u64).cast::<core::ffi::c_void>();
@@ -243,7 +247,10 @@ mod imp {
         row("probe-core breakpoint path (SIGTRAP)", breakpoint);
         row("bare SIGTRAP round trip (handler returns)", bare);
         println!("| the SIGTRAP handler's own work, run without a signal | {handler:.1} | |");
-        println!("| state-save floor: {:?} + XRSTOR pair alone | {floor:.1} | |", xs.insn);
+        println!(
+            "| state-save floor: {:?} + XRSTOR pair alone | {floor:.1} | |",
+            xs.insn
+        );
         println!("| FXSAVE + FXRSTOR pair (x87/SSE only: loses AVX state) | {fx:.1} | |");
         match &kernel {
             Ok(k) => row("kernel uprobe (tracefs, ring-buffer event)", *k),
