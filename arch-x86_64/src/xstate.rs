@@ -270,8 +270,10 @@ pub struct Cpu {
     pub xcr0: u64,
     /// CPUID.(0DH,0):EBX: the standard-format size for the components XCR0 enables.
     pub standard_size: u32,
-    /// Per component 2..=18: (size, 64-byte aligned in the compacted format), from CPUID.(0DH,i).
-    pub components: [(u32, bool); 19],
+    /// Per component 2..=62: (size, 64-byte aligned in the compacted format), from CPUID.(0DH,i)
+    /// for the components XCR0 enables (zero otherwise). All 63, not only today's: a component
+    /// the sizing skipped (APX's is 19) would make the save write past its area.
+    pub components: [(u32, bool); 63],
 }
 
 impl Cpu {
@@ -286,7 +288,7 @@ impl Cpu {
             xsavec: false,
             xcr0: 0,
             standard_size: 0,
-            components: [(0, false); 19],
+            components: [(0, false); 63],
         };
         if !osxsave {
             return cpu;
@@ -347,7 +349,7 @@ mod tests {
 
     /// The Xeon this project measured on (XCR0 0x600e7, CPUID.0DH sub-leaves as read there).
     fn xeon() -> Cpu {
-        let mut components = [(0, false); 19];
+        let mut components = [(0, false); 63];
         components[2] = (256, false);
         components[5] = (64, false);
         components[6] = (512, false);
@@ -371,6 +373,15 @@ mod tests {
         // 576 + 256 + 64 + 512 + 1024 = 2432; tilecfg aligned to 64 (2432) + 64 = 2496;
         // tiledata aligned (2496) + 8192 = 10688 (CPUID.(0DH,1):EBX on that CPU said 10688).
         assert_eq!(s.size, 10688);
+    }
+
+    #[test]
+    fn components_past_amx_are_sized_too() {
+        // APX's extended GPRs are component 19 (128 bytes): a mask with it needs the room.
+        let mut c = xeon();
+        c.xcr0 |= 1 << 19;
+        c.components[19] = (128, false);
+        assert_eq!(XState::from_cpu(c).size, 10688 + 128);
     }
 
     #[test]
