@@ -144,7 +144,7 @@ pub type RawConsumer = unsafe extern "C" fn(regs: &Regs, ctx: *mut core::ffi::c_
 
 /// What the registry holds per consumer: a closure that may use any register state, or a
 /// register-only function with its context.
-pub enum Hook {
+enum Hook {
     /// A closure: its hits save and restore the whole extended state around it.
     Full(Arc<Consumer>),
     /// A register-only function: hits whose every consumer is one skip the extended state.

@@ -264,7 +264,7 @@ impl XState {
 pub struct Cpu {
     /// CPUID.1:ECX.OSXSAVE (the OS enabled XSAVE; XCR0 readable).
     pub osxsave: bool,
-    /// CPUID.(0DH,1):EAX[1].
+    /// `CPUID.(0DH,1):EAX[1]`.
     pub xsavec: bool,
     /// XCR0.
     pub xcr0: u64,
@@ -328,7 +328,7 @@ impl Cpu {
 }
 
 /// XINUSE (XGETBV with ECX = 1): which components are not in their initial state now, where the
-/// CPU reports it (CPUID.(0DH,1):EAX[2]); `None` otherwise.
+/// CPU reports it (`CPUID.(0DH,1):EAX[2]`); `None` otherwise.
 pub fn in_use() -> Option<u64> {
     let cpu = Cpu::read();
     if !cpu.osxsave || core::arch::x86_64::__cpuid_count(0xD, 1).eax & 0b100 == 0 {
