@@ -88,7 +88,7 @@ use crate::X86_64;
 use crate::insn::{self, Insn, Refusal};
 use crate::live_patch::{CodeWriter, patch_batch};
 use crate::xol;
-use crate::xstate::XState;
+use crate::xstate::{SaveInsn, XState};
 use probe_core::arch::{CodeSpace, Detour, NotOptimizable, Patch};
 use probe_core::mm::{AddressSpace, AddressSpaceOps, MmId};
 use probe_core::optimizer::{Optimizer, Then, Trap};
@@ -230,6 +230,8 @@ const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
 
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
 /// The heavy half of the hit path's asymmetric fence ([`SlotRcu::with_heavy_barrier`]): every
 /// running thread of the process executes a full barrier. Registered at install, after which
 /// the kernel does not fail it; if it ever did, the grace period it belongs to would be unsound,
@@ -251,7 +253,6 @@ fn hit_rcu() -> SlotRcu {
         SlotRcu::new()
     }
 }
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 
 fn membarrier(cmd: libc::c_int) -> Result<(), LiveError> {
     // SAFETY: membarrier takes no pointers.
@@ -932,15 +933,20 @@ impl Live {
     /// # Ok::<(), probe_arch_x86_64::live::LiveError>(())
     /// ```
     pub fn install() -> Result<&'static Live, LiveError> {
-        Self::install_with(XState::detect())
+        Self::install_xstate(XState::detect())
     }
 
-    /// [`Live::install`] with a given choice of how trampolines save the extended state
-    /// (`install` uses [`XState::detect`], the cheapest correct one). Forcing
-    /// [`SaveInsn::Fxsave`](crate::xstate::SaveInsn::Fxsave) on a CPU with AVX corrupts the
+    /// [`Live::install`] with the extended-state save forced to `save` where this CPU has it
+    /// ([`XState::with`], which sizes it for this CPU; `install` uses [`XState::detect`], the
+    /// cheapest correct choice). Forcing [`SaveInsn::Fxsave`] on a CPU with AVX corrupts the
     /// interrupted code's vector registers — what some interceptors ship; it exists so a test
-    /// can show that its oracle catches exactly that.
-    pub fn install_with(xstate: XState) -> Result<&'static Live, LiveError> {
+    /// can show that its oracle catches exactly that. It takes the instruction, not an
+    /// [`XState`], so no caller can hand the trampolines an area size this CPU overflows.
+    pub fn install_with(save: SaveInsn) -> Result<&'static Live, LiveError> {
+        Self::install_xstate(XState::with(save))
+    }
+
+    fn install_xstate(xstate: XState) -> Result<&'static Live, LiveError> {
         static ONCE: Mutex<bool> = Mutex::new(false);
         let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
         if *done {
@@ -1625,13 +1631,18 @@ extern "sysv64" fn trampoline_entry(
 /// `area` is `xs.size` writable bytes, 64-byte aligned, on this thread's stack below the frame.
 #[inline(never)]
 unsafe fn run_full(xs: &XState, list: &HitList, regs: &Regs, area: *mut u8) {
-    // Touch the area's pages from the top down, as a stack probe does: a thread near the end of
-    // its stack faults on its guard page here instead of the save writing past it.
-    let mut off = xs.size as usize;
-    while off > 0 {
-        off = off.saturating_sub(4096);
+    // Touch the area from its top byte down, one byte per 4 KiB and the bottom byte last, as a
+    // stack probe does: no two touches (nor the frame above and the first) are a page apart, so
+    // a thread near the end of its stack faults on its guard page here instead of the save
+    // writing past it.
+    let mut off = (xs.size as usize).saturating_sub(1);
+    loop {
         // SAFETY: inside `area` (the caller's contract).
         unsafe { core::ptr::read_volatile(area.add(off)) };
+        if off == 0 {
+            break;
+        }
+        off = off.saturating_sub(4096);
     }
     // SAFETY: the caller's contract; `xs` is this CPU's (or forced for a test).
     unsafe {

@@ -384,14 +384,9 @@ mod imp {
         unsafe {
             core::ptr::write(&raw mut STATE_IN, *inp);
             state_target();
-            let mut got = core::ptr::read(&raw const STATE_OUT);
-            let want = {
-                let mut w = core::ptr::read(&raw const STATE_IN);
-                // rsp is measured by the target itself at entry and after the probe.
-                got.level = w.level;
-                w.rsp = core::ptr::read(&raw const STATE_IN).rsp;
-                w
-            };
+            // rsp is stored by the target itself, at entry (IN) and after the probe (OUT).
+            let got = core::ptr::read(&raw const STATE_OUT);
+            let want = core::ptr::read(&raw const STATE_IN);
             diff(c, &want, &got)
         }
     }
@@ -511,11 +506,12 @@ mod imp {
     pub fn main() {
         let c = classes();
         let child = std::env::var_os("PROBE_STATE_CHILD").is_some();
-        let xs = if child {
-            XState::with(SaveInsn::Fxsave)
+        let save = if child {
+            SaveInsn::Fxsave
         } else {
-            XState::detect()
+            XState::detect().insn
         };
+        let xs = XState::with(save);
         println!(
             "state preservation ({}): save {:?}, mask {:#x}, {} bytes; classes: gprs, flags, red zone, x87, MXCSR, xmm0-15{}{}",
             if child {
@@ -535,7 +531,7 @@ mod imp {
         if !c.avx512 {
             println!("  skipped: zmm0-31, k0-7 (no AVX-512F, or its components not in XCR0)");
         }
-        let live = Live::install_with(xs).expect("install");
+        let live = Live::install_with(save).expect("install");
         // SAFETY: the static's address.
         let site = unsafe { &state_probe_site as *const u8 as u64 };
 
