@@ -42,7 +42,9 @@
 //!   optimization (its trampoline is ready), cleared only once its original bytes are back.
 //! * **queued** — on the optimizing or the unoptimizing list.
 //! * **unused** — disabled with no users: waiting to be freed. Registering again at its address
-//!   fails with [`Error::Busy`] until the optimizer has freed it.
+//!   *revives* it (kprobes' `reuse_unused_kprobe`): it is enabled where it stands — its jump
+//!   kept if it is still in the code, its breakpoint put back otherwise — instead of failing
+//!   until the optimizer has freed it.
 //! * **disarmed** — disabled and not queued: none of its bytes is in the code, none is coming.
 //!
 //! Rules: optimizing a probe queued for unoptimization only dequeues it (its jump is still
@@ -259,6 +261,9 @@ pub struct Stats {
     pub unoptimized: u64,
     /// Probes freed.
     pub freed: u64,
+    /// Unused probes registered again before they were freed, and enabled where they stood
+    /// (kprobes' `reuse_unused_kprobe`).
+    pub revived: u64,
 }
 
 /// The writer-side state of one probe site (a copy in and out under the lock).
@@ -478,8 +483,10 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Optimizer<S, R, L> {
     /// Registers a user of a probe at `addr`: the first user creates it (a breakpoint at once,
     /// queued for optimization if the arch allows), later ones share it.
     ///
-    /// Errors: [`Error::Busy`] if a probe at `addr` is unused but not yet freed (run
-    /// [`Optimizer::wait_for_optimizer`] and retry); [`Error::ExistingTrap`] if the instruction
+    /// A probe at `addr` that is unused but not yet freed is revived (see the module docs'
+    /// states): the answer is what arming it did.
+    ///
+    /// Errors: [`Error::ExistingTrap`] if the instruction
     /// there already is a trap; [`Error::InsideInstruction`] if `addr` is not an instruction's
     /// first byte; [`Error::OffsetOutOfRange`] outside the text;
     /// [`Error::NoMemory`]. On error nothing changed.
@@ -1045,8 +1052,10 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
             // SAFETY: locked.
             let mut w = unsafe { s.w() };
             if unused(w.users, w.enabled) {
-                // Busy to die: its free is on the way.
-                return Err(Error::Busy);
+                let s: *const Site = s;
+                // SAFETY: hashed, so live; sites are freed only by runs and retirements under
+                // this lock, and `revive` runs neither.
+                return Ok(self.revive(unsafe { &*s }));
             }
             w.users = w.users.checked_add(1).ok_or(Error::NoMemory)?;
             // SAFETY: locked.
@@ -1135,6 +1144,46 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         // optimization come off the list (the collision check in `arm` handled the ones whose
         // jump was in the code or queued).
         Ok(armed)
+    }
+
+    /// Registers the first user of an unused probe that is still in the table (kprobes'
+    /// `reuse_unused_kprobe`): instead of failing until the optimizer has freed it, it is
+    /// enabled again where it stands. Its site, trampoline and saved bytes are still valid (it
+    /// left no table, no trampoline was freed); what its last unregistration set in motion is
+    /// undone through the same rules as any enable:
+    ///
+    /// * on the unoptimizing list with its jump in the code: `optimize` only dequeues it, and
+    ///   the jump stays;
+    /// * on the freeing list (a forced unoptimization or a failed table removal put it there
+    ///   while it is still hashed): it comes off that list first, so no run frees a probe that
+    ///   has a user again;
+    /// * disarmed: `arm` puts its breakpoint back and queues it for optimization.
+    fn revive(&mut self, s: &Site) -> Armed {
+        // SAFETY: locked.
+        let mut w = unsafe { s.w() };
+        if w.queue == Queue::Freeing {
+            self.dequeue(s);
+            // SAFETY: locked.
+            w = unsafe { s.w() };
+        }
+        w.users = 1;
+        w.enabled = true;
+        // SAFETY: locked.
+        unsafe { s.set_w(w) };
+        #[cfg(loom)]
+        let fire = !crate::seeded::is(crate::seeded::Bug::RevivalWithoutFire);
+        #[cfg(not(loom))]
+        let fire = true;
+        if fire {
+            // Hits fire again from now on (Release in `publish`; the breakpoint `arm` writes
+            // comes after it, as in a first registration).
+            s.publish(&w);
+        }
+        self.with_inner(|i| i.stats.revived += 1);
+        if self.with_inner(|i| i.all_disarmed) {
+            return Armed::Disarmed;
+        }
+        self.arm(s)
     }
 
     fn unregister(&mut self, addr: u64) -> Result<()> {
@@ -1577,21 +1626,49 @@ mod tests {
     }
 
     #[test]
-    fn reregistering_an_unused_probe_is_busy_until_freed() {
+    fn reregistering_an_unused_probe_revives_it() {
+        // Optimized, then unregistered: unused on the unoptimizing list, its jump in the code.
         let o = opt(5);
         o.register(8).unwrap();
         o.wait_for_optimizer();
         o.unregister(8).unwrap();
-        let before = code(&o, 0, 64);
-        assert_eq!(o.register(8), Err(Error::Busy));
-        assert_eq!(
-            code(&o, 0, 64),
-            before,
-            "a failed register changed the code"
-        );
-        o.wait_for_optimizer();
+        let st = o.state(8).unwrap();
+        assert!(st.unused() && st.queue == Queue::Unoptimizing && st.code == Code::Jump);
+        let before = o.stats();
+        // Revived where it stands: the jump stays, no patch, no wait, nothing freed.
         assert_eq!(o.register(8).unwrap(), Armed::Optimizing);
+        let st = o.state(8).unwrap();
+        assert_eq!((st.users, st.enabled, st.optimized), (1, true, true));
+        assert_eq!((st.queue, st.code), (Queue::None, Code::Jump));
         o.wait_for_optimizer();
+        let after = o.stats();
+        assert_eq!(after.revived, before.revived + 1);
+        assert_eq!(
+            (after.batches, after.freed),
+            (before.batches, before.freed),
+            "revival rewrote code or freed the probe"
+        );
+        audit(&o);
+
+        // Unused and force-unoptimized onto the freeing list while still hashed (a probe armed
+        // inside its jump range): revival takes it off that list, so no run frees it.
+        let o = opt(5);
+        o.register(8).unwrap();
+        o.wait_for_optimizer();
+        o.unregister(8).unwrap();
+        o.register(10).unwrap(); // inside 8's jump: 8 is forced back at once
+        let st = o.state(8).unwrap();
+        assert!(st.unused() && st.queue == Queue::Freeing && st.code == Code::Original);
+        // Its breakpoint is back, blocked by the breakpoint at 10.
+        assert_eq!(o.register(8).unwrap(), Armed::Blocked);
+        o.wait_for_optimizer();
+        let st = o.state(8).expect("a revived probe was freed");
+        assert_eq!((st.users, st.enabled, st.code), (1, true, Code::Breakpoint));
+        audit(&o);
+        // The blocker goes: the revived probe is retried and becomes a jump.
+        o.unregister(10).unwrap();
+        o.wait_for_optimizer();
+        assert_eq!(o.state(8).unwrap().code, Code::Jump);
         audit(&o);
     }
 

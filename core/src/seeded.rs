@@ -78,6 +78,10 @@ pub enum Bug {
     BlockedNotRetried,
     /// Optimizer: unused probes and their trampolines are freed before the quiescence wait.
     FreeBeforeQuiescence,
+    /// Optimizer: reviving an unused probe (a registration before the optimizer freed it)
+    /// restores its users and enabled state but does not publish the hit-visible flags, so
+    /// hits keep skipping its consumers.
+    RevivalWithoutFire,
     /// Optimizer: the optimizing list is patched before the unoptimizing one and before the wait.
     OptimizeBeforeUnoptimize,
     /// x86 live patch: the first byte is written before the tail (no int3 first).

@@ -405,6 +405,49 @@ fn seeded_free_before_quiescence() {
     common::must_catch(Bug::FreeBeforeQuiescence, unoptimize_vs_cpu);
 }
 
+/// Unregister an optimized probe and register it again before any optimizer run, while a CPU
+/// passes: the unused probe is revived where it stands (kprobes' `reuse_unused_kprobe`) instead
+/// of failing with `Busy`. A pass that begins after the revival returned must fire it; the code
+/// ends as the jump, and the probe has its one user. Catches a revival that restores the
+/// writer's state but not the hit-visible flags.
+fn revival_vs_cpu() {
+    common::explore(
+        "optimizer: unregister + revive vs CPU",
+        common::unbounded(),
+        // The jump stays in the code throughout: every pass goes through the trampoline.
+        &[Way::Jumped],
+        || {
+            let opt = world();
+            opt.register(0).unwrap();
+            opt.wait_for_optimizer();
+            opt.unregister(0).unwrap();
+            let (p, early) = race(&opt, |opt, flag| {
+                opt.register(0).expect("revival, not Busy");
+                flag.store(true, Ordering::Release);
+                opt.wait_for_optimizer();
+            });
+            if early {
+                assert_eq!(p.fires[0], 1, "hit missed a revived probe");
+            }
+            settled(&opt);
+            let st = opt.state(0).unwrap();
+            assert_eq!((st.users, st.enabled, st.code), (1, true, Code::Jump));
+            assert_eq!(opt.stats().revived, 1);
+            p.way
+        },
+    );
+}
+
+#[test]
+fn revival_races_cpu() {
+    revival_vs_cpu();
+}
+
+#[test]
+fn seeded_revival_without_fire() {
+    common::must_catch(Bug::RevivalWithoutFire, revival_vs_cpu);
+}
+
 /// A probe lands inside an optimized probe's jump while a CPU passes: the optimized one is forced
 /// back to a breakpoint at once (and stays blocked); both keep firing at most once, the one
 /// enabled throughout exactly once.
