@@ -17,6 +17,9 @@
 //! * [`optimizer`] — delayed (un)optimization batching: breakpoints become jumps to trampolines,
 //!   and back, a whole list per live patch and per quiescence wait (kprobes' optimizer, with
 //!   Linux's 2019, 2023 and 2026 fixes).
+//! * [`kprobes`] — consumers at code addresses over one registry and one optimizer in one RCU
+//!   domain: register / unregister / enable / disable, revival of unused probes, one read
+//!   section per trap, a recursion guard. What a kernel embeds as its kprobes.
 //! * [`lock`] — the raw-lock trait, a spinlock, and the hashed per-object lock table.
 //! * [`sync`] — the one facade over atomics and fences (loom under `--cfg loom`).
 //! * [`error`] — one error type, a variant per bad input.
@@ -56,6 +59,7 @@ extern crate std;
 
 pub mod arch;
 pub mod error;
+pub mod kprobes;
 pub mod lock;
 pub mod mm;
 pub mod optimizer;
@@ -83,6 +87,7 @@ pub use error::{Error, Result};
 pub mod prelude {
     pub use crate::arch::{Arch, CodeSpace, TextPatcher};
     pub use crate::error::{Error, Result};
+    pub use crate::kprobes::{Kprobe, KprobeTrap, Kprobes, Ran, Reentry};
     pub use crate::lock::{LockTable, RawLock, SpinLock};
     pub use crate::mm::{AddressSpace, AddressSpaceOps, MmId, PAGE_SIZE, VmFlags, VmaInfo};
     pub use crate::optimizer::{Armed, Optimizer, Then, Trap};

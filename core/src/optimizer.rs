@@ -367,11 +367,20 @@ impl<S: CodeSpace + fmt::Debug, R: Rcu, L: RawLock> fmt::Debug for Optimizer<S, 
 impl<S: CodeSpace, R: Rcu, L: RawLock + Default> Optimizer<S, R, L> {
     /// An optimizer over `space`, with hits reading under `rcu`.
     pub fn new(space: S, rcu: R) -> Self {
+        Self::with_lock(space, rcu, L::default())
+    }
+}
+
+impl<S: CodeSpace, R: Rcu, L: RawLock> Optimizer<S, R, L> {
+    /// [`Optimizer::new`] with the embedder's initialized lock (a kernel's mutex with its lock
+    /// class). The lock is held across [`CodeSpace::quiesce`] and [`Rcu::synchronize`]: it may
+    /// sleep, and no hit path ever takes it.
+    pub fn with_lock(space: S, rcu: R, lock: L) -> Self {
         Self {
             table: CowTree::new(),
             rcu,
             space,
-            lock: L::default(),
+            lock,
             inner: UnsafeCell::new(Inner {
                 queues: [Vec::new(), Vec::new(), Vec::new()],
                 scratch: Vec::new(),

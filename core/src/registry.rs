@@ -106,11 +106,26 @@ where
 {
     /// An empty registry over the RCU domain `rcu`.
     pub fn new(rcu: R) -> Self {
+        Self::with_locks(rcu, L::default)
+    }
+}
+
+impl<C, R, L, const N: usize> Registry<C, R, L, N>
+where
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+{
+    /// An empty registry over `rcu`, with locks made by `lock` (called `N + 1` times: the tree
+    /// lock, then each hashed object lock) — for an embedder whose locks need initializing
+    /// (a kernel's lock classes, a name per lock).
+    pub fn with_locks(rcu: R, mut lock: impl FnMut() -> L) -> Self {
+        let tree_lock = CachePadded::new(lock());
         Self {
             rcu,
             tree: ProbeTree::new(),
-            tree_lock: CachePadded::new(L::default()),
-            objects: LockTable::new(),
+            tree_lock,
+            objects: LockTable::with(|_| lock()),
         }
     }
 }
@@ -264,6 +279,49 @@ where
                 r.map(|_| None)
             }
         }
+    }
+
+    /// Calls `f` with the consumers of the live probe at `key` as the writers see them (the
+    /// current list, under the object's lock, so no writer of that object runs meanwhile);
+    /// `None` if there is no live probe there. `f` must not register or unregister on the same
+    /// object (the lock is not reentrant).
+    pub fn with_consumers<T>(&self, key: &ProbeKey, f: impl FnOnce(&[Arc<C>]) -> T) -> Option<T> {
+        let _object = RawGuard::lock(self.objects.lock_for(key.object));
+        let p = self.get_live(key)?;
+        // SAFETY: `get_live` took a reference.
+        let probe = unsafe { &*p };
+        // SAFETY: the object's lock is held.
+        let l = unsafe { probe.writer_list() };
+        let items = if l.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: the current list under the object's lock: only its writers replace it.
+            unsafe { ConsumerList::items(l) }
+        };
+        let r = f(items);
+        // SAFETY: we hold the reference taken by `get_live`.
+        unsafe { self.put(p) };
+        Some(r)
+    }
+
+    /// The probe at `key` under a read section the caller opened on this registry's domain
+    /// through another handle of it (the [`crate::kprobes`] layer's one read section per trap).
+    ///
+    /// # Safety
+    ///
+    /// `guard` is a read guard of the very domain this registry retires through (the same
+    /// instance, or a handle every clone of which is that instance), not merely of the same type.
+    #[inline]
+    pub(crate) unsafe fn lookup_under<'g>(
+        &'g self,
+        _guard: &'g R::Guard<'_>,
+        key: &ProbeKey,
+    ) -> Option<ProbeView<'g, C, R, L, N>> {
+        // SAFETY: the caller's contract: a read guard of the tree's writers' domain.
+        let p = unsafe { self.tree.get(key) }?;
+        // SAFETY: reached under that guard: allocated until it ends.
+        let probe = unsafe { &*p };
+        Some(ProbeView { reg: self, probe })
     }
 
     /// The saved bytes of the probe at `key` if it is wanted (has a consumer) right now.
