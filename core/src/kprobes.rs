@@ -331,7 +331,9 @@ where
         self.registry.with_consumers(&Self::key(addr), |list| {
             (
                 // Relaxed: the flags are written only under the mutex, which we hold.
-                list.iter().filter(|k| k.enabled.load(Ordering::Relaxed)).count(),
+                list.iter()
+                    .filter(|k| k.enabled.load(Ordering::Relaxed))
+                    .count(),
                 list.iter().any(|k| Arc::ptr_eq(k, kp)),
             )
         })
@@ -360,8 +362,7 @@ where
         match self.census(addr, &kp) {
             Some((_, true)) => Err(Error::DuplicateConsumer),
             Some((on, false)) => {
-                self.registry
-                    .register_with(key, kp, SavedInsn::default())?;
+                self.registry.register_with(key, kp, SavedInsn::default())?;
                 if enabled && on == 0 {
                     // The first enabled consumer of a disabled probe. Cannot fail: the probe
                     // has users (INVARIANT).
@@ -745,7 +746,11 @@ mod tests {
         assert_eq!(k.register(a.clone()).unwrap(), Armed::Optimizing);
         assert_eq!(k.register(b.clone()).unwrap(), Armed::Shared);
         assert_eq!(k.register(a.clone()), Err(Error::DuplicateConsumer));
-        assert_eq!(k.state(16).unwrap().users, 1, "one optimizer user per address");
+        assert_eq!(
+            k.state(16).unwrap().users,
+            1,
+            "one optimizer user per address"
+        );
         assert_eq!(trap(&k, 16), ["a", "b"]);
         k.wait_for_optimizer();
         assert_eq!(k.space().current(16, 1), [0xE9]);
@@ -794,12 +799,19 @@ mod tests {
         k.disable(&a).unwrap(); // twice: nothing more
         assert!(!a.is_enabled());
         assert_eq!(tramp(&k, 16), ["b"]);
-        assert!(k.state(16).unwrap().enabled, "one consumer is still enabled");
+        assert!(
+            k.state(16).unwrap().enabled,
+            "one consumer is still enabled"
+        );
         k.disable(&b).unwrap();
         assert!(tramp(&k, 16).is_empty());
         assert!(!k.state(16).unwrap().enabled);
         k.wait_for_optimizer();
-        assert_eq!(k.space().current(16, 5), [17, 18, 19, 20, 21], "code not restored");
+        assert_eq!(
+            k.space().current(16, 5),
+            [17, 18, 19, 20, 21],
+            "code not restored"
+        );
         k.enable(&b).unwrap();
         assert!(k.state(16).unwrap().enabled);
         assert_eq!(trap(&k, 16), ["b"]);
@@ -898,7 +910,10 @@ mod tests {
                         n += 1;
                     }
                     Ok(_) => {
-                        assert_eq!(trap(&k, 16), if second { &["a", "b"][..] } else { &["b"][..] });
+                        assert_eq!(
+                            trap(&k, 16),
+                            if second { &["a", "b"][..] } else { &["b"][..] }
+                        );
                         break;
                     }
                     Err(e) => panic!("unexpected {e:?}"),
@@ -938,8 +953,14 @@ mod tests {
         });
         // (A trap where no probe is reads the code through the embedder's `CodeSpace::read`,
         // which in `ByteCode` takes a lock: the embedder's store, not probe-core's.)
-        assert!(!stores.is_empty(), "the audit saw nothing: it is not wired in");
-        let own = [reader.slot_addr(), &cpu.running as *const AtomicBool as usize];
+        assert!(
+            !stores.is_empty(),
+            "the audit saw nothing: it is not wired in"
+        );
+        let own = [
+            reader.slot_addr(),
+            &cpu.running as *const AtomicBool as usize,
+        ];
         let mut foreign: Vec<usize> = stores.into_iter().filter(|a| !own.contains(a)).collect();
         foreign.dedup();
         assert!(
@@ -971,7 +992,11 @@ mod tests {
                     SpinLock::new()
                 },
             );
-        assert_eq!(made.load(Ordering::Relaxed), 9, "the tree lock and 8 object locks");
+        assert_eq!(
+            made.load(Ordering::Relaxed),
+            9,
+            "the tree lock and 8 object locks"
+        );
         k.register(kp(16, "a")).unwrap();
         assert_eq!(k.state(16).unwrap().queue, Queue::Optimizing);
     }

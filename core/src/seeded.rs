@@ -82,6 +82,10 @@ pub enum Bug {
     /// restores its users and enabled state but does not publish the hit-visible flags, so
     /// hits keep skipping its consumers.
     RevivalWithoutFire,
+    /// Kprobes: the domain handle's `clone` creates a new domain, so the registry and the
+    /// optimizer each retire through their own and the trap's one guard protects neither (what
+    /// `SharedRcu` forbids). Read by the loom model's own handle type.
+    KprobesDomainPerStructure,
     /// Optimizer: the optimizing list is patched before the unoptimizing one and before the wait.
     OptimizeBeforeUnoptimize,
     /// x86 live patch: the first byte is written before the tail (no int3 first).
