@@ -24,6 +24,9 @@ pub enum Bug {
     SeqReaderNoFence,
     /// RCU: `synchronize` returns without waiting for readers (free before the grace period).
     RcuNoGracePeriod,
+    /// RCU: a deferred callback is pushed onto the lock-free stack with a relaxed
+    /// compare-exchange, so the taker may run it without seeing what it captured.
+    DeferredPushRelaxed,
     /// RCU: the reader announces itself without the full fence (store→load reordering).
     RcuReaderNoFence,
     /// Probe refcount: a plain increment instead of increment-not-zero resurrects a dying probe.

@@ -43,6 +43,7 @@ pub use epoch::{EpochGuard, EpochRcu, EpochReader};
 pub use slot::{SlotGuard, SlotRcu, SlotReader};
 
 use crate::alloc_util::try_box;
+use crate::sync::{AtomicPtr, Ordering};
 use alloc::boxed::Box;
 use core::ptr;
 
@@ -50,7 +51,12 @@ use core::ptr;
 ///
 /// Built with [`Deferred::new`], which is where allocation can fail — *before* the writer
 /// publishes anything — so handing it to [`Rcu::defer`] after an unlink can never fail. It carries
-/// its own queue link, so a domain can queue it without allocating.
+/// its own queue link: an embedder's `defer` queues it on a [`DeferredList`] (a per-CPU list
+/// under the embedder's own lock or with interrupts off) or a [`DeferredStack`] (lock-free, from
+/// any context) without allocating.
+///
+/// Dropping a `Deferred` without running it drops the callback unrun (what it would have freed
+/// leaks); a domain runs every one it was given.
 pub struct Deferred(Box<DeferredNode>);
 
 pub(crate) struct DeferredNode {
@@ -96,6 +102,255 @@ impl Deferred {
     pub(crate) unsafe fn from_raw(p: *mut DeferredNode) -> Self {
         // SAFETY: the caller's contract.
         Self(unsafe { Box::from_raw(p) })
+    }
+}
+
+/// A queue of [`Deferred`] callbacks linked through their own nodes: pushing never allocates.
+///
+/// Single-owner (`Send`, not `Sync`): what a `call_rcu`-style domain keeps per CPU, touched only
+/// by its CPU with interrupts off or under the domain's own lock; [`DeferredStack`] is the
+/// lock-free one for pushes from any context. Callbacks run in the order they were pushed.
+///
+/// ```
+/// use probe_core::rcu::{Deferred, DeferredList};
+/// use std::sync::{Arc, atomic::{AtomicU32, Ordering}};
+///
+/// let ran = Arc::new(AtomicU32::new(0));
+/// let mut this_cpu = DeferredList::new();
+/// for i in 1..=3 {
+///     let ran = ran.clone();
+///     // The allocation happens here, where the writer can still fail cleanly…
+///     let d = Deferred::new(move || { ran.fetch_add(i, Ordering::Relaxed); }).unwrap();
+///     // …and queueing it, after the unlink, cannot fail.
+///     this_cpu.push(d);
+/// }
+/// assert_eq!(this_cpu.len(), 3);
+/// // After a grace period:
+/// this_cpu.take().run_all();
+/// assert_eq!(ran.load(Ordering::Relaxed), 6);
+/// assert!(this_cpu.is_empty());
+/// ```
+pub struct DeferredList {
+    head: *mut DeferredNode,
+    /// The last node (its `next` is null), or null when empty.
+    tail: *mut DeferredNode,
+    len: usize,
+}
+
+// SAFETY: the list owns its nodes (each a `Send` callback); moving the list moves them.
+unsafe impl Send for DeferredList {}
+
+impl Default for DeferredList {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for DeferredList {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeferredList")
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl DeferredList {
+    /// An empty list.
+    pub const fn new() -> Self {
+        Self {
+            head: ptr::null_mut(),
+            tail: ptr::null_mut(),
+            len: 0,
+        }
+    }
+
+    /// Queues `d` last. Never allocates, never fails.
+    pub fn push(&mut self, d: Deferred) {
+        let n = d.into_raw();
+        // SAFETY: `n` is ours (just taken from `d`); `tail`, if non-null, is our last node.
+        unsafe {
+            (*n).next = ptr::null_mut();
+            if self.tail.is_null() {
+                self.head = n;
+            } else {
+                (*self.tail).next = n;
+            }
+        }
+        self.tail = n;
+        self.len += 1;
+    }
+
+    /// Moves every callback of `other` to the end of this list.
+    pub fn append(&mut self, other: &mut DeferredList) {
+        if other.head.is_null() {
+            return;
+        }
+        if self.tail.is_null() {
+            self.head = other.head;
+        } else {
+            // SAFETY: our last node.
+            unsafe { (*self.tail).next = other.head };
+        }
+        self.tail = other.tail;
+        self.len += other.len;
+        // The nodes are ours now: leave `other` empty without dropping them.
+        other.head = ptr::null_mut();
+        other.tail = ptr::null_mut();
+        other.len = 0;
+    }
+
+    /// The first callback, off the list.
+    pub fn pop(&mut self) -> Option<Deferred> {
+        if self.head.is_null() {
+            return None;
+        }
+        let n = self.head;
+        // SAFETY: our first node; we own it.
+        self.head = unsafe { (*n).next };
+        if self.head.is_null() {
+            self.tail = ptr::null_mut();
+        }
+        self.len -= 1;
+        // SAFETY: `n` came from `Deferred::into_raw` in `push` and is no longer linked.
+        Some(unsafe { Deferred::from_raw(n) })
+    }
+
+    /// The whole list, leaving this one empty (take a batch, then wait one grace period for it).
+    pub fn take(&mut self) -> DeferredList {
+        core::mem::take(self)
+    }
+
+    /// Runs every callback, first pushed first.
+    pub fn run_all(mut self) {
+        while let Some(d) = self.pop() {
+            d.run();
+        }
+    }
+
+    /// Callbacks queued.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// None queued.
+    pub fn is_empty(&self) -> bool {
+        self.head.is_null()
+    }
+}
+
+impl Drop for DeferredList {
+    fn drop(&mut self) {
+        // Dropped unrun, like a `Deferred` (see its docs).
+        while self.pop().is_some() {}
+    }
+}
+
+/// A lock-free stack of [`Deferred`] callbacks: [`DeferredStack::push`] from any context
+/// (interrupts and NMIs included: a compare-exchange loop on one word, no allocation, no
+/// lock), [`DeferredStack::take_all`] by the domain's grace-period side. [`SlotRcu`] queues
+/// its callbacks on one.
+///
+/// # Implementation details
+///
+/// A Treiber stack of the callbacks' own nodes with one consumer operation, take-all (a swap),
+/// so there is no ABA: a node is never popped alone and pushed back while another thread looks
+/// at it. `push` links the node to the head it read and publishes it with a Release
+/// compare-exchange; `take_all` swaps the head out with Acquire, which pairs with it: the taker
+/// sees every node's link and callback as written before its push.
+pub struct DeferredStack {
+    head: AtomicPtr<DeferredNode>,
+}
+
+impl Default for DeferredStack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl core::fmt::Debug for DeferredStack {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DeferredStack")
+    }
+}
+
+// SAFETY: nodes are handed over through the atomic head (Release push, Acquire take); every node
+// is owned by exactly one of the stack or its taker.
+unsafe impl Sync for DeferredStack {}
+// SAFETY: the stack owns its nodes, each a `Send` callback.
+unsafe impl Send for DeferredStack {}
+
+impl DeferredStack {
+    /// An empty stack.
+    #[cfg(not(loom))]
+    pub const fn new() -> Self {
+        Self {
+            head: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// An empty stack.
+    #[cfg(loom)]
+    pub fn new() -> Self {
+        Self {
+            head: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Pushes `d`. Never blocks on another thread's progress, never allocates, never fails.
+    pub fn push(&self, d: Deferred) {
+        let node = d.into_raw();
+        // Relaxed: re-read by the compare-exchange.
+        let mut head = self.head.load(Ordering::Relaxed);
+        #[cfg(loom)]
+        let publish = if crate::seeded::is(crate::seeded::Bug::DeferredPushRelaxed) {
+            Ordering::Relaxed
+        } else {
+            Ordering::Release
+        };
+        #[cfg(not(loom))]
+        let publish = Ordering::Release;
+        loop {
+            // SAFETY: `node` is not published yet; we own it.
+            unsafe { (*node).next = head };
+            // Release publishes the node and what its callback captured (pairs with the
+            // Acquire swap in `take_all`).
+            match self
+                .head
+                .compare_exchange(head, node, publish, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Takes every callback pushed so far, oldest first.
+    pub fn take_all(&self) -> DeferredList {
+        // Acquire pairs with the Release compare-exchange in `push`.
+        let mut p = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+        // The stack is newest first: reverse it into a list, oldest first.
+        let mut out = DeferredList::new();
+        let mut rev: *mut DeferredNode = ptr::null_mut();
+        while !p.is_null() {
+            // SAFETY: we swapped the whole stack off, so we own every node on it.
+            let next = unsafe { (*p).next };
+            // SAFETY: as above.
+            unsafe { (*p).next = rev };
+            if rev.is_null() {
+                out.tail = p;
+            }
+            rev = p;
+            p = next;
+            out.len += 1;
+        }
+        out.head = rev;
+        out
+    }
+}
+
+impl Drop for DeferredStack {
+    fn drop(&mut self) {
+        drop(self.take_all());
     }
 }
 
@@ -182,5 +437,67 @@ unsafe impl<R: Rcu + ?Sized> Rcu for alloc::sync::Arc<R> {
     }
     fn synchronize(&self) {
         (**self).synchronize()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    extern crate std;
+    use super::*;
+    use alloc::vec::Vec;
+    use std::sync::{Arc, Mutex};
+
+    fn logging(log: &Arc<Mutex<Vec<u32>>>, i: u32) -> Deferred {
+        let log = log.clone();
+        Deferred::new(move || log.lock().unwrap().push(i)).unwrap()
+    }
+
+    #[test]
+    fn a_list_runs_in_push_order_and_appends() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut a = DeferredList::new();
+        let mut b = DeferredList::new();
+        for i in 0..3 {
+            a.push(logging(&log, i));
+        }
+        for i in 3..5 {
+            b.push(logging(&log, i));
+        }
+        a.append(&mut b);
+        assert!(b.is_empty() && b.len() == 0);
+        assert_eq!(a.len(), 5);
+        a.pop().unwrap().run();
+        a.append(&mut DeferredList::new());
+        let mut c = DeferredList::new();
+        c.append(&mut a);
+        c.push(logging(&log, 5));
+        c.take().run_all();
+        assert!(c.is_empty());
+        assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_stack_takes_oldest_first_and_drops_unrun() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let s = DeferredStack::new();
+        for i in 0..4 {
+            s.push(logging(&log, i));
+        }
+        let batch = s.take_all();
+        assert_eq!(batch.len(), 4);
+        s.push(logging(&log, 9));
+        batch.run_all();
+        assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3]);
+        // Dropped with a callback queued: dropped, not run.
+        let probe = Arc::new(());
+        let p = probe.clone();
+        s.push(Deferred::new(move || drop(p)).unwrap());
+        drop(s);
+        assert_eq!(
+            Arc::strong_count(&probe),
+            1,
+            "the callback's captures leaked"
+        );
+        assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3]);
     }
 }

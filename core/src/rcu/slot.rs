@@ -57,7 +57,7 @@
 //! * Slots are freed only when the domain is dropped; readers borrow the domain, so none is left.
 //! * Every callback on the pending stack was queued before the scan that runs it started.
 
-use super::{Deferred, DeferredNode, Rcu};
+use super::{Deferred, DeferredStack, Rcu};
 use crate::alloc_util::try_box;
 use crate::lock::CachePadded;
 use crate::sync::{AtomicBool, AtomicPtr, AtomicUsize, Ordering, fence, spin_loop};
@@ -98,7 +98,7 @@ pub struct SlotRcu {
     /// The embedder's heavy barrier (asymmetric mode), or `None`.
     heavy: Option<fn()>,
     slots: AtomicPtr<CachePadded<Slot>>,
-    pending: AtomicPtr<DeferredNode>,
+    pending: DeferredStack,
     /// Readers of other domains inside a read section of this one.
     overflow: CachePadded<AtomicUsize>,
 }
@@ -183,7 +183,7 @@ impl SlotRcu {
         Self {
             heavy: None,
             slots: AtomicPtr::new(ptr::null_mut()),
-            pending: AtomicPtr::new(ptr::null_mut()),
+            pending: DeferredStack::new(),
             overflow: CachePadded::new(AtomicUsize::new(0)),
         }
     }
@@ -324,37 +324,15 @@ unsafe impl Rcu for SlotRcu {
     }
 
     fn defer(&self, f: Deferred) {
-        let node = f.into_raw();
-        // Relaxed: re-read by the CAS.
-        let mut head = self.pending.load(Ordering::Relaxed);
-        loop {
-            // SAFETY: `node` is not published yet; we own it.
-            unsafe { (*node).next = head };
-            // Release publishes the node (pairs with the Acquire swap in `synchronize`).
-            match self
-                .pending
-                .compare_exchange(head, node, Ordering::Release, Ordering::Relaxed)
-            {
-                Ok(_) => return,
-                Err(h) => head = h,
-            }
-        }
+        self.pending.push(f);
     }
 
     fn synchronize(&self) {
         // Take the callbacks queued so far *before* the scan: each was queued after its object
         // was unlinked, so the scan below covers every reader that could still see it.
-        // Acquire pairs with the Release CAS in `defer`.
-        let mut p = self.pending.swap(ptr::null_mut(), Ordering::Acquire);
+        let batch = self.pending.take_all();
         self.wait_for_readers();
-        while !p.is_null() {
-            // SAFETY: we swapped the whole stack off, so we own every node on it.
-            let next = unsafe { (*p).next };
-            // SAFETY: as above; each node came from `Deferred::into_raw` in `defer`.
-            let d = unsafe { Deferred::from_raw(p) };
-            p = next;
-            d.run();
-        }
+        batch.run_all();
     }
 }
 
