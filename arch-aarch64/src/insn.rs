@@ -42,6 +42,25 @@ pub enum Refusal {
     Undefined,
 }
 
+impl Refusal {
+    /// What this refusal of the instruction at `addr` means for jump optimization (the
+    /// optimizer's [`probe_core::arch::NotOptimizable`]): `Truncated` is `Undecodable`, every
+    /// other refusal makes the instruction `Unrelocatable`.
+    ///
+    /// ```
+    /// use probe_arch_aarch64::insn::Refusal;
+    /// use probe_core::arch::NotOptimizable;
+    /// assert_eq!(Refusal::Exclusive.at(0x40), NotOptimizable::Unrelocatable { addr: 0x40 });
+    /// ```
+    pub fn at(self, addr: u64) -> probe_core::arch::NotOptimizable {
+        use probe_core::arch::NotOptimizable as N;
+        match self {
+            Refusal::Truncated => N::Undecodable { addr },
+            _ => N::Unrelocatable { addr },
+        }
+    }
+}
+
 impl core::fmt::Display for Refusal {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {

@@ -31,6 +31,7 @@
 //! for its own.
 
 #![no_std]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 pub mod cache;
 pub mod insn;

@@ -72,6 +72,36 @@ pub enum Refusal {
     TooLong,
 }
 
+impl Refusal {
+    /// What this refusal of the instruction at `addr` means for jump optimization: the
+    /// optimizer's reason ([`probe_core::arch::NotOptimizable`]) for an embedder's
+    /// `CodeSpace::prepare_detour`. Decoding failures are `Undecodable`, a reach failure is
+    /// `OutOfReach`, every other refusal makes the instruction `Unrelocatable`.
+    ///
+    /// ```
+    /// use probe_arch_x86_64::insn::Refusal;
+    /// use probe_core::arch::NotOptimizable;
+    /// assert_eq!(Refusal::Invalid.at(0x40), NotOptimizable::Undecodable { addr: 0x40 });
+    /// assert_eq!(Refusal::Trap.at(0x40), NotOptimizable::Unrelocatable { addr: 0x40 });
+    /// ```
+    pub fn at(self, addr: u64) -> probe_core::arch::NotOptimizable {
+        use probe_core::arch::NotOptimizable as N;
+        match self {
+            Refusal::Truncated | Refusal::Invalid => N::Undecodable { addr },
+            Refusal::OutOfReach => N::OutOfReach,
+            Refusal::Trap
+            | Refusal::SystemCall
+            | Refusal::ExceptionReturn
+            | Refusal::FarBranch
+            | Refusal::Transaction
+            | Refusal::Faulting
+            | Refusal::OperandSizeBranch
+            | Refusal::StackRelativeCall
+            | Refusal::TooLong => N::Unrelocatable { addr },
+        }
+    }
+}
+
 impl core::fmt::Display for Refusal {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(match self {

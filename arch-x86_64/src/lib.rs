@@ -25,6 +25,7 @@
 //! a running loop with membarrier), and fuzzed (`tests/never_panic.rs`).
 
 #![no_std]
+#![deny(rustdoc::broken_intra_doc_links)]
 
 #[cfg(any(feature = "live", test))]
 extern crate std;

@@ -14,6 +14,8 @@
 //! probe-benches`): flag parsing, the workload, that every contender finds the same probes, the
 //! goal arithmetic and the output formats.
 
+#![deny(rustdoc::broken_intra_doc_links)]
+
 pub mod config;
 pub mod contenders;
 pub mod report;

@@ -15,10 +15,6 @@ pub enum Error {
     UnknownConsumer,
     /// That consumer is already registered on that probe.
     DuplicateConsumer,
-    /// The probe is being torn down (unused, waiting to be freed) and cannot be re-registered
-    /// until that finishes: run `Optimizer::wait_for_optimizer` (or the registry's `sync`) and
-    /// try again.
-    Busy,
     /// An allocation failed. Nothing was changed.
     NoMemory,
     /// An address range is empty, not page-aligned, or overflows.
@@ -33,17 +29,21 @@ pub enum Error {
     ExistingTrap,
     /// The address is inside an instruction, not at its first byte.
     InsideInstruction,
+    /// One of the embedder's own operations failed (a code write, a mapping, a page it could
+    /// not pin); the value is the embedder's code for it (an errno, say). probe-core never makes
+    /// one up: it passes on what an embedder's trait method returned.
+    Embedder(i32),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Error::Embedder(code) = self {
+            return write!(f, "the embedder's operation failed (code {code})");
+        }
         f.write_str(match self {
             Error::UnknownProbe => "no probe is registered at that object and offset",
             Error::UnknownConsumer => "that consumer is not registered on the probe",
             Error::DuplicateConsumer => "that consumer is already registered on the probe",
-            Error::Busy => {
-                "the probe is being freed; wait for the optimizer (or a grace period) and retry"
-            }
             Error::NoMemory => "out of memory",
             Error::BadRange => "the range is empty, not page-aligned, or overflows",
             Error::Overlap => "the range overlaps an existing mapping",
@@ -51,6 +51,7 @@ impl fmt::Display for Error {
             Error::OffsetOutOfRange => "the offset is past the end of the object",
             Error::ExistingTrap => "the instruction there already is a trap; it cannot be probed",
             Error::InsideInstruction => "the address is inside an instruction, not at its start",
+            Error::Embedder(_) => "the embedder's operation failed",
         })
     }
 }

@@ -46,11 +46,15 @@
 //!
 //! # Features
 //!
+//! * `epoch` (default) — [`rcu::EpochRcu`], over crossbeam-epoch (`no_std` + `alloc`). Turn
+//!   default features off when the embedder brings its own RCU (a kernel's, or [`rcu::SlotRcu`]):
+//!   crossbeam is then not built at all.
 //! * `std` — conveniences that need the standard library ([`lock::YieldRelax`]). Never needed
 //!   for correctness; the crate is `no_std` without it (CI proves it by linking it into a
-//!   `no_std` staticlib with its own panic handler).
+//!   `no_std` staticlib with its own panic handler, with and without `epoch`).
 
 #![no_std]
+#![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 extern crate alloc;
@@ -92,7 +96,7 @@ pub mod prelude {
     pub use crate::mm::{AddressSpace, AddressSpaceOps, MmId, PAGE_SIZE, VmFlags, VmaInfo};
     pub use crate::optimizer::{Armed, Optimizer, Then, Trap};
     pub use crate::probe::{ObjectId, Probe, ProbeKey};
-    #[cfg(not(loom))]
+    #[cfg(all(feature = "epoch", not(loom)))]
     pub use crate::rcu::EpochRcu;
     pub use crate::rcu::{Rcu, SlotRcu};
     pub use crate::registry::{ProbeRef, ProbeView, ReadGuard, Registry};

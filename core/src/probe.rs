@@ -10,7 +10,8 @@
 //!   its memory is freed only a grace period after it left the tree. A hit traverses consumers
 //!   this way, with no reference-count traffic at all (Invariant 1).
 //! * **Beyond the guard**, a reader needs a counted reference, taken with *increment-not-zero*
-//!   ([`Probe::try_get`]): a dying probe must not be resurrected, because its free is already
+//!   (`Probe::try_get`, crate-private: [`crate::registry::ReadGuard::hold`] is its public
+//!   face): a dying probe must not be resurrected, because its free is already
 //!   scheduled. A plain increment would hand out a reference to memory about to be freed.
 //! * **Insert over a dying probe replaces it** in the tree rather than reviving it; the dying
 //!   probe's final put sees that it is no longer the tree's entry and leaves the new one alone.

@@ -354,7 +354,7 @@ impl<T> UnsafeCell<T> {
 /// normal build both are no-ops and the type is zero-sized. Under loom the mark is a write to a
 /// loom-tracked cell: if the free is not ordered after every reader's check, loom reports a causal
 /// race; if a reader checks after the free, the check panics. Loom builds also keep the memory of
-/// freed objects (see [`quarantine`]) so that a late reader in a *buggy* model trips this check
+/// freed objects (`quarantine`, crate-private) so that a late reader in a *buggy* model trips this check
 /// instead of reading freed memory.
 #[derive(Debug, Default)]
 pub struct FreeCheck {

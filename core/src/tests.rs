@@ -326,8 +326,8 @@ fn every_bad_input_is_an_error_and_changes_nothing() {
         Error::UnknownProbe,
         Error::UnknownConsumer,
         Error::DuplicateConsumer,
-        Error::Busy,
         Error::NoMemory,
+        Error::Embedder(-12),
     ] {
         assert!(!std::format!("{e}").is_empty());
     }

@@ -1,4 +1,4 @@
-//! The probe tree: an ordered map from [`K`] to a probe, read without locks.
+//! The probe tree: an ordered map from a key `K` to a probe, read without locks.
 //!
 //! # Algorithm: a copy-on-write B-tree published by one pointer
 //!

@@ -34,8 +34,15 @@ fn build(features: &[&str]) -> (bool, String) {
 
 #[test]
 fn links_into_a_no_std_staticlib_with_its_own_panic_handler() {
+    // Without default features: no crossbeam-epoch at all (an embedder with its own RCU).
     let (ok, stderr) = build(&[]);
     assert!(ok, "probe-core no longer builds without std:\n{stderr}");
+    // With `epoch` (the default): crossbeam-epoch is `no_std` + `alloc` too.
+    let (ok, stderr) = build(&["probe-core/epoch"]);
+    assert!(
+        ok,
+        "probe-core with `epoch` no longer builds without std:\n{stderr}"
+    );
 }
 
 #[test]

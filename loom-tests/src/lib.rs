@@ -14,3 +14,4 @@
 //! Without `--cfg loom` the test files compile to nothing.
 
 #![no_std]
+#![deny(rustdoc::broken_intra_doc_links)]

@@ -34,11 +34,11 @@
 //!
 //! Readers must not call `synchronize` inside their own read section (it would wait for itself).
 
-#[cfg(not(loom))]
-mod epoch;
-mod slot;
+#[cfg(all(feature = "epoch", not(loom)))]
+pub mod epoch;
+pub mod slot;
 
-#[cfg(not(loom))]
+#[cfg(all(feature = "epoch", not(loom)))]
 pub use epoch::{EpochGuard, EpochRcu, EpochReader};
 pub use slot::{SlotGuard, SlotRcu, SlotReader};
 
