@@ -32,6 +32,9 @@ use crate::INT3;
 use probe_core::arch::Patch;
 
 /// The embedder's access to code, as the protocol needs it.
+///
+/// Called only from inside the embedder's `CodeSpace::patch`, so under the optimizer's lock; see
+/// [the embedder's contract](probe_core::embedding).
 pub trait CodeWriter {
     /// Stores `bytes` at `addr` (an alias mapping, `text_poke`, guest memory). Plain stores: the
     /// protocol makes them safe.

@@ -48,6 +48,9 @@ impl SavedInsn {
 ///
 /// probe-core calls `read` and `write` with the address space's lock held and the mapping that
 /// contains `vaddr`; the arch crate's live-patch protocol lives behind `write`.
+///
+/// Who calls each method, under which lock, and whether it may allocate, sleep or fail: [the
+/// embedder's contract](crate::embedding).
 pub trait TextPatcher: Send + Sync {
     /// Reads the object's own bytes at `offset` (what the file holds, before any breakpoint).
     /// Returns [`crate::Error::OffsetOutOfRange`] if `offset + buf.len()` is past its end.
@@ -211,6 +214,8 @@ impl Patch {
 /// its quiescence wait.
 ///
 /// probe-core calls every method except [`CodeSpace::read`] with the optimizer's lock held.
+/// Who calls each method, under which lock, and whether it may allocate, sleep or fail: [the
+/// embedder's contract](crate::embedding).
 pub trait CodeSpace: Send + Sync {
     /// The instruction set (breakpoint bytes, trap recognition).
     type Arch: Arch;

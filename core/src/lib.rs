@@ -17,6 +17,8 @@
 //! * [`optimizer`] — delayed (un)optimization batching: breakpoints become jumps to trampolines,
 //!   and back, a whole list per live patch and per quiescence wait (kprobes' optimizer, with
 //!   Linux's 2019, 2023 and 2026 fixes).
+//! * [`embedding`] — the embedder's contract (every trait method: who calls it, under which
+//!   lock, whether it may allocate, sleep or fail) and a "kprobes in your kernel" walk-through.
 //! * [`kprobes`] — consumers at code addresses over one registry and one optimizer in one RCU
 //!   domain: register / unregister / enable / disable, revival of unused probes, one read
 //!   section per trap, a recursion guard. What a kernel embeds as its kprobes.
@@ -62,6 +64,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod arch;
+pub mod embedding;
 pub mod error;
 pub mod kprobes;
 pub mod lock;

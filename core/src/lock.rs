@@ -4,9 +4,12 @@
 //! # Shape
 //!
 //! In the lock_api style, [`RawLock`] is a small `unsafe` trait — lock, try-lock, unlock — and
-//! [`Lock<L, T>`] is the safe generic wrapper that owns the data and hands out a guard. A kernel
-//! implements `RawLock` with a spinlock that disables interrupts, or a mutex; a hypervisor with
-//! its own lock; a process can use [`SpinLock`] with a [`Relax`] strategy that yields.
+//! [`Lock<L, T>`] is the safe generic wrapper that owns the data and hands out a guard. No hit
+//! path takes any of probe-core's locks, and probe-core allocates while holding them, so a
+//! kernel implements `RawLock` with a mutex (or a spinlock its allocator may be called under) —
+//! not with a spinlock that disables interrupts; the optimizer's lock must be one that may
+//! sleep. A hypervisor uses its own lock; a process can use [`SpinLock`] with a [`Relax`]
+//! strategy that yields. The whole table: [the embedder's contract](crate::embedding).
 //!
 //! # The hashed lock table
 //!
@@ -61,6 +64,9 @@ impl<T> DerefMut for CachePadded<T> {
 }
 
 /// A raw lock: no data, just mutual exclusion. The embedder's locks implement this.
+///
+/// Which of probe-core's locks may sleep (the optimizer's: yes) and which a hit ever takes
+/// (none): [the embedder's contract](crate::embedding).
 ///
 /// # Safety
 ///

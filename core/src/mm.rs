@@ -191,6 +191,9 @@ pub struct Speculation {
 /// memory whose free is deferred past the read section); `speculate_validate` must return `true`
 /// only if no change to the address space ran between `speculate_begin` and it; `locked_find`
 /// must answer under whatever excludes writers, for as long as its callback runs.
+///
+/// Who calls each method, under which lock, and whether it may allocate, sleep or fail: [the
+/// embedder's contract](crate::embedding).
 pub unsafe trait AddressSpaceOps {
     /// Which address space (for the breakpoint patcher).
     fn id(&self) -> MmId;

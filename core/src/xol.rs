@@ -80,6 +80,9 @@ use core::fmt;
 /// How a thread sleeps until an XOL slot frees: a kernel wait queue, a futex, a condition
 /// variable, or a spin. An *event count*: [`WaitQueue::wait`] returns once a
 /// [`WaitQueue::wake_all`] happened after the matching [`WaitQueue::prepare`] (or spuriously).
+///
+/// Who calls each method, under which lock, and whether it may allocate, sleep or fail: [the
+/// embedder's contract](crate::embedding).
 pub trait WaitQueue: Send + Sync {
     /// Takes a ticket: the current event count.
     fn prepare(&self) -> u64;

@@ -355,6 +355,8 @@ impl Drop for DeferredStack {
 }
 
 /// An RCU domain. See the [module docs](self) for the protocol and the guarantee.
+/// Who calls each method, under which lock, and whether it may allocate, sleep or fail: [the
+/// embedder's contract](crate::embedding).
 ///
 /// # Safety
 ///
@@ -372,15 +374,23 @@ pub unsafe trait Rcu: Send + Sync {
     where
         Self: 'r;
 
-    /// Creates the read-side handle for the calling CPU or thread.
+    /// Creates the read-side handle for the calling CPU or thread. probe-core never calls it:
+    /// the embedder makes one per CPU (at bring-up) or thread and passes it to every read
+    /// section there. May allocate and fail.
     fn register(&self) -> crate::Result<Self::Reader<'_>>;
     /// Enters a read-side critical section. Must not block, allocate (in the common case) or
     /// write memory that other readers write.
     fn read_lock<'r>(&'r self, reader: &'r Self::Reader<'_>) -> Self::Guard<'r>;
     /// Runs `f` after a grace period (`call_rcu`). Never blocks, never fails, never allocates
-    /// in probe-core's own implementations (the allocation happened in [`Deferred::new`]).
+    /// in probe-core's own implementations (the allocation happened in [`Deferred::new`]; queue
+    /// it on a [`DeferredList`] or a [`DeferredStack`]).
+    ///
+    /// Called by writers holding the registry's locks or the optimizer's lock, and by a
+    /// `ProbeRef`'s last drop; never from a hit.
     fn defer(&self, f: Deferred);
-    /// Waits for a grace period (`synchronize_rcu`).
+    /// Waits for a grace period (`synchronize_rcu`). May sleep. Called by optimizer runs (with
+    /// the optimizer's lock held) and by `sync` calls (with no lock held); never inside a read
+    /// section.
     fn synchronize(&self);
 }
 
