@@ -19,6 +19,13 @@ pub(crate) fn fail_after(n: Option<usize>) {
     failpoint::FAIL_AFTER.with(|c| c.set(n));
 }
 
+/// Test builds only: the failpoint's remaining count (`None` once it fired or when off): equal
+/// to what `fail_after` set exactly when no allocation happened since.
+#[cfg(test)]
+pub(crate) fn allocations_left() -> Option<usize> {
+    failpoint::FAIL_AFTER.with(|c| c.get())
+}
+
 #[inline(always)]
 fn injected_failure() -> bool {
     #[cfg(test)]

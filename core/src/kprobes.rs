@@ -399,9 +399,10 @@ where
     ///
     /// * [`Error::UnknownProbe`] — nothing is registered at `kp`'s address.
     /// * [`Error::UnknownConsumer`] — `kp` is not registered there.
-    /// * [`Error::NoMemory`] — the registry could not allocate the shorter consumer list.
     ///
-    /// On error nothing changed.
+    /// Only misuse fails: unregistration never allocates (its shorter list was reserved by the
+    /// registration; see the [registry's invariants](crate::registry)), so a registered kprobe
+    /// always unregisters. On error nothing changed.
     pub fn unregister(&self, kp: &Arc<Kprobe<H>>) -> Result<()> {
         let _m = RawGuard::lock(&self.mutex);
         let addr = kp.addr;

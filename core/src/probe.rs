@@ -31,11 +31,14 @@
 //! * INVARIANT: `refs` goes to zero once; after that nothing increments it (increment-not-zero),
 //!   and exactly one thread — the one that made it zero — runs the final put.
 
-use crate::alloc_util::try_vec_with_capacity;
+use crate::alloc_util::{try_box, try_vec_with_capacity};
 use crate::rcu::Deferred;
-use crate::sync::{AtomicBool, AtomicPtr, AtomicUsize, FreeCheck, Ordering, UnsafeCell};
+use crate::sync::{
+    AtomicBool, AtomicPtr, AtomicUsize, FreeCheck, Ordering, UnsafeCell, quarantine,
+};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::fmt;
 use core::mem::MaybeUninit;
 
@@ -71,15 +74,38 @@ impl ProbeKey {
 /// cache miss fewer per hit; most probes have one or two consumers).
 pub const INLINE_CONSUMERS: usize = 4;
 
-/// The consumers of a list: inline when few, boxed when many.
+/// The consumers of a list: inline when few, in a vector when many. A vector is never shrunk
+/// (no reallocation when a spare's reserved capacity is filled with fewer items).
 enum Items<C: ?Sized> {
     Inline(usize, [MaybeUninit<Arc<C>>; INLINE_CONSUMERS]),
-    Heap(Box<[Arc<C>]>),
+    Heap(Vec<Arc<C>>),
 }
 
 impl<C: ?Sized> Items<C> {
-    /// Builds from `len` consumers; allocates only beyond [`INLINE_CONSUMERS`], fallibly.
-    fn collect(len: usize, it: impl Iterator<Item = Arc<C>>) -> crate::Result<Self> {
+    fn empty() -> Self {
+        // INVARIANT: the first 0 elements are initialized.
+        Items::Inline(0, [const { MaybeUninit::uninit() }; INLINE_CONSUMERS])
+    }
+
+    /// Room for `len` consumers: inline when it fits, else a vector of that capacity
+    /// (allocated fallibly).
+    fn with_room(len: usize) -> crate::Result<Self> {
+        if len <= INLINE_CONSUMERS {
+            Ok(Self::empty())
+        } else {
+            Ok(Items::Heap(try_vec_with_capacity(len)?))
+        }
+    }
+
+    /// Can hold `len` consumers without allocating?
+    fn has_room(&self, len: usize) -> bool {
+        len <= INLINE_CONSUMERS || matches!(self, Items::Heap(v) if v.capacity() >= len)
+    }
+
+    /// Fills empty storage with exactly `len` consumers from `it`. Never allocates: the storage
+    /// has room (the caller checked [`Items::has_room`]); inline storage is chosen whenever the
+    /// list fits, dropping a reserved vector.
+    fn fill(&mut self, len: usize, it: impl Iterator<Item = Arc<C>>) {
         if len <= INLINE_CONSUMERS {
             let mut arr = [const { MaybeUninit::uninit() }; INLINE_CONSUMERS];
             let mut n = 0;
@@ -88,22 +114,21 @@ impl<C: ?Sized> Items<C> {
                 n += 1;
             }
             // INVARIANT: the first `n` elements are initialized.
-            return Ok(Items::Inline(n, arr));
+            *self = Items::Inline(n, arr);
+        } else if let Items::Heap(v) = self {
+            // Capacity for `len` (the caller's check): `extend` does not reallocate.
+            v.extend(it.take(len));
         }
-        let mut v = try_vec_with_capacity(len)?;
-        v.extend(it);
-        // Exact capacity: no reallocation here.
-        Ok(Items::Heap(v.into_boxed_slice()))
     }
 
     fn as_slice(&self) -> &[Arc<C>] {
         match self {
-            // SAFETY: the first `n` elements are initialized (INVARIANT in `collect`), and
+            // SAFETY: the first `n` elements are initialized (INVARIANT in `fill` / `empty`), and
             // `MaybeUninit<T>` has `T`'s layout.
             Items::Inline(n, arr) => unsafe {
                 core::slice::from_raw_parts(arr.as_ptr().cast::<Arc<C>>(), *n)
             },
-            Items::Heap(b) => b,
+            Items::Heap(v) => v,
         }
     }
 }
@@ -112,28 +137,132 @@ impl<C: ?Sized> Drop for Items<C> {
     fn drop(&mut self) {
         if let Items::Inline(n, arr) = self {
             for slot in &mut arr[..*n] {
-                // SAFETY: initialized (INVARIANT in `collect`), dropped once.
+                // SAFETY: initialized (INVARIANT in `fill`), dropped once.
                 unsafe { slot.assume_init_drop() };
             }
         }
     }
 }
 
-/// A published, immutable list of consumers. Cache-line aligned: a hit reads its length and
-/// first consumers from one line.
+/// A raw pointer that may cross threads inside a deferred callback.
+struct SendPtr<T: ?Sized>(*mut T);
+// SAFETY: used only to hand an unreachable object to the callback that frees it.
+unsafe impl<T: ?Sized> Send for SendPtr<T> {}
+
+/// A consumer list: published (immutable from then on), or a *spare* — storage reserved by a
+/// registration so that a later unregistration can build its shorter list without allocating.
+/// Cache-line aligned: a hit reads its length and first consumers from one line.
+///
+/// Every list carries its own retirement: the callback that frees it after a grace period,
+/// allocated with it, so replacing a list never allocates either.
 #[repr(align(64))]
 pub(crate) struct ConsumerList<C: ?Sized> {
     items: UnsafeCell<Items<C>>,
+    /// Frees this list; taken (once) when the list is retired. `None` after that.
+    retire: UnsafeCell<Option<Deferred>>,
+    /// The next spare on its probe's spare stack (while this is a spare; writer-side, under the
+    /// object's lock).
+    next_spare: UnsafeCell<*mut ConsumerList<C>>,
     pub(crate) free_check: FreeCheck,
 }
 
-impl<C: ?Sized> ConsumerList<C> {
-    /// A list of `len` consumers from `it` (which must yield exactly `len`).
-    pub(crate) fn new(len: usize, it: impl Iterator<Item = Arc<C>>) -> crate::Result<Self> {
-        Ok(Self {
-            items: UnsafeCell::new(Items::collect(len, it)?),
+impl<C: ?Sized + Send + Sync + 'static> ConsumerList<C> {
+    /// A boxed list with room for `room` consumers, holding none yet, and its retirement
+    /// callback. All fallible allocation of a list happens here.
+    pub(crate) fn alloc(room: usize) -> crate::Result<*mut Self> {
+        let b = try_box(Self {
+            items: UnsafeCell::new(Items::with_room(room)?),
+            retire: UnsafeCell::new(None),
+            next_spare: UnsafeCell::new(core::ptr::null_mut()),
             free_check: FreeCheck::new(),
-        })
+        })?;
+        let p = Box::into_raw(b);
+        let sp = SendPtr(p);
+        match Deferred::new(move || {
+            let sp = sp;
+            // SAFETY: the list was retired (unpublished) a grace period ago; nothing reaches it.
+            unsafe { free_list(sp.0) }
+        }) {
+            Ok(d) => {
+                // SAFETY: `p` is ours and unpublished.
+                unsafe { (*p).retire.with_mut(|r| *r = Some(d)) };
+                Ok(p)
+            }
+            Err(e) => {
+                // SAFETY: never published; ours.
+                drop(unsafe { Box::from_raw(p) });
+                Err(e)
+            }
+        }
+    }
+
+    /// A boxed list of exactly `len` consumers from `it`.
+    pub(crate) fn new(len: usize, it: impl Iterator<Item = Arc<C>>) -> crate::Result<*mut Self> {
+        let p = Self::alloc(len)?;
+        // SAFETY: fresh, unpublished, with room for `len`.
+        unsafe { Self::fill(p, len, it) };
+        Ok(p)
+    }
+}
+
+impl<C: ?Sized> ConsumerList<C> {
+    /// Fills an unpublished, empty list with exactly `len` consumers. Never allocates.
+    ///
+    /// # Safety
+    ///
+    /// `p` is unpublished, empty and ours, with room for `len` ([`ConsumerList::has_room`]).
+    pub(crate) unsafe fn fill(p: *mut Self, len: usize, it: impl Iterator<Item = Arc<C>>) {
+        // SAFETY: the caller's contract: nobody else reaches `p`.
+        unsafe { (*p).items.with_mut(|i| (*i).fill(len, it)) };
+    }
+
+    /// Can the unpublished list `p` hold `len` consumers without allocating?
+    ///
+    /// # Safety
+    ///
+    /// `p` is ours (unpublished).
+    pub(crate) unsafe fn has_room(p: *const Self, len: usize) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe { (*p).items.with(|i| (*i).has_room(len)) }
+    }
+
+    /// Makes room for `len` consumers in the empty, unpublished list `p` (a spare that must
+    /// serve a longer list now). Fallible; on failure `p` is unchanged.
+    ///
+    /// # Safety
+    ///
+    /// `p` is ours, unpublished and empty.
+    pub(crate) unsafe fn reserve(p: *mut Self, len: usize) -> crate::Result<()> {
+        // SAFETY: the caller's contract.
+        if unsafe { Self::has_room(p, len) } {
+            return Ok(());
+        }
+        let room = Items::with_room(len)?;
+        // SAFETY: as above; the old storage is empty, so replacing it drops no consumer.
+        unsafe { (*p).items.with_mut(|i| *i = room) };
+        Ok(())
+    }
+
+    /// Empties the list (its consumers dropped): for the loom suite's seeded bug that recycles a
+    /// replaced list as a spare without a grace period.
+    ///
+    /// # Safety
+    ///
+    /// Only for that bug: readers may still be reading the list.
+    #[cfg(loom)]
+    pub(crate) unsafe fn clear(p: *mut Self) {
+        // SAFETY: none; the seeded bug.
+        unsafe { (*p).items.with_mut(|i| *i = Items::empty()) };
+    }
+
+    /// Takes the list's retirement callback (to defer it when the list is replaced).
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the object's lock and `p` was its probe's current list until now.
+    pub(crate) unsafe fn take_retire(p: *mut Self) -> Option<Deferred> {
+        // SAFETY: writers of the object are serialized; readers never touch `retire`.
+        unsafe { (*p).retire.with_mut(|r| (*r).take()) }
     }
 
     /// The consumers.
@@ -149,6 +278,18 @@ impl<C: ?Sized> ConsumerList<C> {
         // SAFETY: a published list is never written again.
         list.items.with(|v| unsafe { &*v }).as_slice()
     }
+}
+
+/// Frees a consumer list (published and retired, or a spare never published).
+///
+/// # Safety
+///
+/// `l` came from [`ConsumerList::alloc`] and no reader can reach it.
+pub(crate) unsafe fn free_list<C: ?Sized>(l: *mut ConsumerList<C>) {
+    // SAFETY: the caller's contract.
+    let b = unsafe { Box::from_raw(l) };
+    b.free_check.mark_freed();
+    quarantine(b);
 }
 
 /// A probe. Reached through a [`ReadGuard`](crate::registry::ReadGuard) (valid for the guard)
@@ -167,11 +308,17 @@ pub struct Probe<C: ?Sized> {
     /// Left in the tree by a final put whose removal could not allocate; whoever next removes or
     /// replaces this entry frees it. Read and written only under the tree lock.
     pub(crate) orphaned: AtomicBool,
+    /// The next orphan on the registry's orphan list (read and written only under the tree
+    /// lock, hence Relaxed).
+    pub(crate) orphan_next: AtomicPtr<Probe<C>>,
     /// The original bytes the breakpoint replaces (immutable after creation).
     pub(crate) insn: crate::arch::SavedInsn,
     /// The callback that frees this probe, allocated when the probe was, so the final put — which
     /// may run in a destructor — never needs memory.
     pub(crate) free_cb: UnsafeCell<Option<Deferred>>,
+    /// Spare consumer lists, reserved by registrations for later unregistrations (a stack
+    /// through `ConsumerList::next_spare`); read and written only under the object's lock.
+    spares: UnsafeCell<*mut ConsumerList<C>>,
     pub(crate) free_check: FreeCheck,
 }
 
@@ -199,8 +346,54 @@ impl<C: ?Sized> Probe<C> {
             consumers: AtomicPtr::new(consumers),
             consumers_w: UnsafeCell::new(consumers),
             orphaned: AtomicBool::new(false),
+            orphan_next: AtomicPtr::new(core::ptr::null_mut()),
             free_cb: UnsafeCell::new(None),
+            spares: UnsafeCell::new(core::ptr::null_mut()),
             free_check: FreeCheck::new(),
+        }
+    }
+
+    /// Pushes the unpublished list `l` onto the probe's spares.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the object's lock (or owns the probe) and owns `l`, which is empty.
+    pub(crate) unsafe fn push_spare(&self, l: *mut ConsumerList<C>) {
+        // SAFETY: the caller's contract: writer-side state under the object's lock.
+        self.spares.with_mut(|head| unsafe {
+            (*l).next_spare.with_mut(|n| *n = *head);
+            *head = l;
+        });
+    }
+
+    /// Pops a spare (null if none).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Probe::push_spare`].
+    pub(crate) unsafe fn pop_spare(&self) -> *mut ConsumerList<C> {
+        // SAFETY: as above.
+        self.spares.with_mut(|head| unsafe {
+            let l = *head;
+            if !l.is_null() {
+                *head = (*l).next_spare.with(|n| *n);
+            }
+            l
+        })
+    }
+
+    /// Calls `f` on every spare.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Probe::push_spare`]; `f` does not push or pop.
+    pub(crate) unsafe fn for_each_spare(&self, mut f: impl FnMut(*mut ConsumerList<C>)) {
+        // SAFETY: as above.
+        let mut l = self.spares.with(|head| unsafe { *head });
+        while !l.is_null() {
+            f(l);
+            // SAFETY: a spare of ours.
+            l = unsafe { (*l).next_spare.with(|n| *n) };
         }
     }
 

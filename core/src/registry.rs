@@ -21,6 +21,33 @@
 //! waits one grace period, after which no hit can call any consumer unregistered before the
 //! `sync` began. Unregister a thousand consumers, then `sync` once: one grace period for all.
 //!
+//! # Reserve, then lock and publish
+//!
+//! Everything an unregistration will need is allocated by the registration, before anything is
+//! published; unregistration allocates nothing and cannot run out of memory:
+//!
+//! * every consumer list carries its own retirement (the deferred callback that frees it), so
+//!   replacing a list never allocates;
+//! * a probe with *n* consumers keeps *n − 1* empty **spare** lists, each with room for *n − 1*
+//!   (registration adds one and grows the others), and an unregistration fills one with the
+//!   remaining consumers and publishes it;
+//! * the last consumer's removal takes the probe out of the tree, which copies a tree path; if
+//!   that allocation fails the probe stays in the tree, dying and invisible to hits, on an
+//!   **orphan** list that every later tree-locked write and [`Registry::sync`] retry — so after a
+//!   `sync` with memory available, [`Registry::len`] is exactly what is registered.
+//!
+//! A failed registration frees what it allocated and changes nothing (spares it grew keep their
+//! room).
+//!
+//! # Invariants
+//!
+//! * INVARIANT: under the object's lock, a live probe with *n* ≥ 1 consumers has exactly
+//!   *n − 1* spares, each empty, unpublished and with room for *n − 1* consumers.
+//! * INVARIANT: every published list's retirement callback is present until the list is
+//!   replaced, when it is taken and deferred once.
+//! * INVARIANT: an orphan stays the tree's entry for its key while it is on the orphan list; it
+//!   leaves the list (under the tree lock) before its free is queued.
+//!
 //! # Example
 //!
 //! ```
@@ -62,9 +89,9 @@ use crate::alloc_util::try_box;
 use crate::arch::SavedInsn;
 use crate::error::{Error, Result};
 use crate::lock::{CachePadded, DEFAULT_LOCK_SLOTS, LockTable, RawGuard, RawLock, SpinLock};
-use crate::probe::{ConsumerList, ObjectId, Probe, ProbeKey};
+use crate::probe::{ConsumerList, ObjectId, Probe, ProbeKey, free_list};
 use crate::rcu::{Deferred, Rcu};
-use crate::sync::{Ordering, quarantine};
+use crate::sync::{AtomicPtr, Ordering, quarantine};
 use crate::tree::ProbeTree;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -88,6 +115,10 @@ pub struct Registry<C: ?Sized, R: Rcu, L: RawLock = SpinLock, const N: usize = D
     tree: ProbeTree<Probe<C>>,
     tree_lock: CachePadded<L>,
     objects: LockTable<L, N>,
+    /// Dying probes whose removal from the tree could not allocate, retried by every later
+    /// tree-locked write and by [`Registry::sync`] (a stack through `Probe::orphan_next`; read
+    /// and written only under the tree lock).
+    orphans: AtomicPtr<Probe<C>>,
 }
 
 impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> fmt::Debug for Registry<C, R, L, N> {
@@ -126,6 +157,7 @@ where
             tree: ProbeTree::new(),
             tree_lock,
             objects: LockTable::with(|_| lock()),
+            orphans: AtomicPtr::new(ptr::null_mut()),
         }
     }
 }
@@ -167,8 +199,15 @@ where
     }
 
     /// Waits for a grace period: afterwards no hit can call a consumer unregistered before this
-    /// call began, and no reader holds a probe removed before it.
+    /// call began, and no reader holds a probe removed before it. First it retries the tree
+    /// removal of probes whose final put ran out of memory, so after a `sync` with memory
+    /// available [`Registry::len`] counts exactly the probes that are registered or held.
     pub fn sync(&self) {
+        {
+            let _tree = RawGuard::lock(&*self.tree_lock);
+            // SAFETY: tree lock held.
+            unsafe { self.retry_orphans() };
+        }
         self.rcu.synchronize();
     }
 
@@ -225,9 +264,10 @@ where
     ///
     /// * [`Error::UnknownProbe`] — no live probe at `key`.
     /// * [`Error::UnknownConsumer`] — the probe exists but `consumer` is not on it.
-    /// * [`Error::NoMemory`] — an allocation failed.
     ///
-    /// On error nothing changed.
+    /// Those are the only errors: unregistration never allocates (what it needs was reserved
+    /// when the consumer was registered), so it cannot run out of memory. On error nothing
+    /// changed.
     pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
         self.unregister_last(key, consumer).map(|_| ())
     }
@@ -370,6 +410,10 @@ where
 
     /// Publishes a copy of the consumer list with `consumer` appended. `Ok(true)` if it was the
     /// first. Caller holds the object's lock and a reference.
+    ///
+    /// Everything a later unregistration needs is reserved here, before anything is published
+    /// (INVARIANT at the top of the module): one more spare list, and room in every spare for
+    /// the longer list's removals.
     fn add_consumer(&self, probe: &Probe<C>, consumer: Arc<C>) -> Result<bool> {
         // SAFETY: the caller holds the object's lock.
         let old = unsafe { probe.writer_list() };
@@ -382,23 +426,52 @@ where
         if items.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
             return Err(Error::DuplicateConsumer);
         }
-        let list = ConsumerList::new(
-            items.len() + 1,
+        let n = items.len();
+        let new = ConsumerList::new(
+            n + 1,
             items.iter().cloned().chain(core::iter::once(consumer)),
         )?;
-        let new = Box::into_raw(try_box(list)?);
+        // A removal from the n + 1 consumers leaves n: every spare needs room for n, and there
+        // must be n of them (one per consumer beyond the first).
+        let reserved = (|| {
+            let mut grow = Ok(());
+            // SAFETY: object lock held; spares are ours and empty.
+            unsafe {
+                probe.for_each_spare(|s| {
+                    if grow.is_ok() {
+                        grow = ConsumerList::reserve(s, n);
+                    }
+                })
+            };
+            grow?;
+            if n >= 1 {
+                ConsumerList::<C>::alloc(n).map(Some)
+            } else {
+                Ok(None)
+            }
+        })();
+        let spare = match reserved {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: `new` was never published. (Spares that grew keep their room.)
+                unsafe { free_list(new) };
+                return Err(e);
+            }
+        };
         // SAFETY: `new` is ours and unpublished; `old` is the current list, which only we
         // (holding the object's lock) replace.
-        unsafe { self.publish_consumers(probe, old, new) }.inspect_err(|_| {
-            // SAFETY: `new` was never published.
-            drop(unsafe { Box::from_raw(new) })
-        })?;
+        unsafe { self.publish_consumers(probe, old, new) };
+        if let Some(s) = spare {
+            // SAFETY: object lock held; `s` is ours and empty.
+            unsafe { probe.push_spare(s) };
+        }
         Ok(old.is_null())
     }
 
     /// Publishes a copy of the consumer list without `consumer`; drops the registration's
     /// reference if it was the last (and then returns `true`). Caller holds the object's lock
-    /// and a reference.
+    /// and a reference. Never allocates: the shorter list is built in a spare the registration
+    /// reserved, and the old list's retirement was allocated with it.
     fn remove_consumer(&self, probe: &Probe<C>, consumer: &Arc<C>) -> Result<bool> {
         // SAFETY: the caller holds the object's lock.
         let old = unsafe { probe.writer_list() };
@@ -412,23 +485,34 @@ where
             .iter()
             .position(|c| Arc::ptr_eq(c, consumer))
             .ok_or(Error::UnknownConsumer)?;
+        let rest = items
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != at)
+            .map(|(_, c)| c.clone());
         let new = if items.len() == 1 {
             ptr::null_mut()
         } else {
-            let rest = items
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| i != at)
-                .map(|(_, c)| c.clone());
-            Box::into_raw(try_box(ConsumerList::new(items.len() - 1, rest)?)?)
+            // SAFETY: object lock held.
+            let s = unsafe { probe.pop_spare() };
+            // INVARIANT: a probe with n > 1 consumers has n - 1 spares with room for n - 1.
+            // SAFETY: `s` (when non-null) is ours, empty and unpublished.
+            if !s.is_null() && unsafe { ConsumerList::has_room(s, items.len() - 1) } {
+                // SAFETY: as above.
+                unsafe { ConsumerList::fill(s, items.len() - 1, rest) };
+                s
+            } else {
+                // Unreachable while the invariant holds; allocate rather than corrupt.
+                debug_assert!(false, "a probe ran out of spare consumer lists");
+                if !s.is_null() {
+                    // SAFETY: ours, unpublished.
+                    unsafe { probe.push_spare(s) };
+                }
+                ConsumerList::new(items.len() - 1, rest)?
+            }
         };
         // SAFETY: as in `add_consumer`.
-        unsafe { self.publish_consumers(probe, old, new) }.inspect_err(|_| {
-            if !new.is_null() {
-                // SAFETY: `new` was never published.
-                drop(unsafe { Box::from_raw(new) })
-            }
-        })?;
+        unsafe { self.publish_consumers(probe, old, new) };
         if new.is_null() {
             // The registration's reference. Not the last: the caller holds one too.
             // SAFETY: the registration held it (INVARIANT: non-null list ⇒ registration ref).
@@ -437,7 +521,8 @@ where
         Ok(new.is_null())
     }
 
-    /// Replaces the probe's list `old` by `new` and defers the free of `old`.
+    /// Replaces the probe's list `old` by `new` and defers the free of `old` (through the
+    /// retirement it was allocated with: never allocates, never fails).
     ///
     /// # Safety
     ///
@@ -447,18 +532,7 @@ where
         probe: &Probe<C>,
         old: *mut ConsumerList<C>,
         new: *mut ConsumerList<C>,
-    ) -> Result<()> {
-        let cb = if old.is_null() {
-            None
-        } else {
-            let old = SendPtr(old);
-            // Allocated before publishing, so failure changes nothing.
-            Some(Deferred::new(move || {
-                let old = old;
-                // SAFETY: a grace period has passed since `old` was replaced.
-                unsafe { free_list(old.0) }
-            })?)
-        };
+    ) {
         #[cfg(loom)]
         let order = if crate::seeded::is(crate::seeded::Bug::ConsumerPublishRelaxed) {
             Ordering::Relaxed
@@ -471,27 +545,41 @@ where
         // were written before its pointer.
         // SAFETY: the caller holds the object's lock; `new` is initialized.
         unsafe { probe.set_list(new, order) };
-        if let Some(cb) = cb {
+        if old.is_null() {
+            return;
+        }
+        #[cfg(loom)]
+        if crate::seeded::is(crate::seeded::Bug::SpareRecycledEarly) {
+            // The seeded bug: the replaced list becomes a spare at once (emptied for reuse)
+            // instead of waiting out a grace period — while hits may still be reading it.
+            // SAFETY: (not) — that is the bug the model must catch.
+            unsafe {
+                ConsumerList::clear(old);
+                probe.push_spare(old);
+            }
+            return;
+        }
+        // SAFETY: `old` was the current list until the store above; object lock held.
+        if let Some(cb) = unsafe { ConsumerList::take_retire(old) } {
             #[cfg(loom)]
             if crate::seeded::is(crate::seeded::Bug::ConsumerFreeEarly) {
                 cb.run();
-                return Ok(());
+                return;
             }
             self.rcu.defer(cb);
         }
-        Ok(())
     }
 
     /// Creates a probe with one consumer and puts it in the tree (over a dying one, if any).
     /// Caller holds the object's lock.
     fn insert_new(&self, key: ProbeKey, consumer: Arc<C>, insn: SavedInsn) -> Result<()> {
-        let list = Box::into_raw(try_box(ConsumerList::new(1, core::iter::once(consumer))?)?);
-        // INVARIANT: one consumer, so the registration holds the one reference.
+        let list = ConsumerList::new(1, core::iter::once(consumer))?;
+        // INVARIANT: one consumer, so the registration holds the one reference, and no spare.
         let probe = match try_box(Probe::new(key, 1, list, insn)) {
             Ok(b) => Box::into_raw(b),
             Err(e) => {
                 // SAFETY: never published.
-                drop(unsafe { Box::from_raw(list) });
+                unsafe { free_list(list) };
                 return Err(e);
             }
         };
@@ -513,19 +601,21 @@ where
         unsafe { (*probe).free_cb.with_mut(|c| *c = Some(cb)) };
         let replaced = {
             let _tree = RawGuard::lock(&*self.tree_lock);
+            // SAFETY: tree lock held.
+            unsafe { self.retry_orphans() };
             // SAFETY: tree lock held; the registry's one domain.
-            unsafe { self.tree.insert(&self.rcu, key, probe) }
-        };
-        match replaced {
-            Ok(None) => Ok(()),
-            Ok(Some(dying)) => {
+            let r = unsafe { self.tree.insert(&self.rcu, key, probe) };
+            if let Ok(Some(dying)) = r {
                 // The entry was dying (its final put is on its way, and will find it replaced).
                 // If that final put already gave up removing it (orphaned), freeing is ours.
-                // SAFETY: removed from the tree just now, so still allocated until a grace
-                // period after its free callback is queued.
+                // SAFETY: removed from the tree just now, under the tree lock we hold, so
+                // still allocated (its free is queued only here or by its final put).
                 unsafe { self.free_if_orphaned(dying) };
-                Ok(())
             }
+            r
+        };
+        match replaced {
+            Ok(_) => Ok(()),
             Err(e) => {
                 // SAFETY: never published.
                 unsafe { free_probe(probe) };
@@ -561,13 +651,18 @@ where
         {
             let _tree = RawGuard::lock(&*self.tree_lock);
             // SAFETY: tree lock held.
+            unsafe { self.retry_orphans() };
+            // SAFETY: tree lock held.
             if unsafe { self.tree.get_locked(&key) } == Some(p) {
                 // SAFETY: tree lock held; the registry's one domain.
                 if unsafe { self.tree.remove(&self.rcu, &key) }.is_err() {
                     // No memory to copy the path: leave the dying probe in the tree (readers
-                    // treat it as absent) for the next writer of this key to free.
+                    // treat it as absent) on the orphan list, for the next tree-locked write
+                    // or `sync` to remove — or for a registration at its key to replace.
                     // Relaxed: read and written only under the tree lock.
                     probe.orphaned.store(true, Ordering::Relaxed);
+                    // SAFETY: tree lock held; `p` is in the tree, dying, not yet an orphan.
+                    unsafe { self.push_orphan(p) };
                     return;
                 }
             }
@@ -578,36 +673,96 @@ where
         }
     }
 
+    /// Puts `p` on the orphan list.
+    ///
+    /// # Safety
+    ///
+    /// The tree lock is held; `p` is in the tree, dying, and not on the list.
+    unsafe fn push_orphan(&self, p: *const Probe<C>) {
+        // Relaxed (all of the list's accesses): only under the tree lock, which orders them.
+        // SAFETY: the caller's contract: `p` is allocated (in the tree).
+        unsafe { &*p }
+            .orphan_next
+            .store(self.orphans.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.orphans.store(p as *mut Probe<C>, Ordering::Relaxed);
+    }
+
+    /// Takes `p` off the orphan list, if it is on it.
+    ///
+    /// # Safety
+    ///
+    /// The tree lock is held; every probe on the list is allocated (INVARIANT: an orphan is
+    /// freed only after it leaves the list).
+    unsafe fn unlink_orphan(&self, p: *const Probe<C>) {
+        // Relaxed: as in `push_orphan`.
+        let mut prev: *const Probe<C> = ptr::null();
+        let mut cur = self.orphans.load(Ordering::Relaxed) as *const Probe<C>;
+        while !cur.is_null() {
+            // SAFETY: on the list, so allocated.
+            let next = unsafe { &*cur }.orphan_next.load(Ordering::Relaxed);
+            if cur == p {
+                if prev.is_null() {
+                    self.orphans.store(next, Ordering::Relaxed);
+                } else {
+                    // SAFETY: on the list, so allocated.
+                    unsafe { &*prev }.orphan_next.store(next, Ordering::Relaxed);
+                }
+                return;
+            }
+            prev = cur;
+            cur = next;
+        }
+    }
+
+    /// Retries the tree removal of every orphan; each one removed leaves the list and has its
+    /// free queued. Nothing to do (one load) in the common case.
+    ///
+    /// # Safety
+    ///
+    /// The tree lock is held.
+    unsafe fn retry_orphans(&self) {
+        // Relaxed: as in `push_orphan`.
+        let mut cur = self.orphans.load(Ordering::Relaxed) as *const Probe<C>;
+        while !cur.is_null() {
+            // SAFETY: on the list, so allocated (INVARIANT in `unlink_orphan`).
+            let o = unsafe { &*cur };
+            let next = o.orphan_next.load(Ordering::Relaxed) as *const Probe<C>;
+            let key = o.key();
+            // An orphan on the list is still the tree's entry: a registration that replaces it
+            // unlinks it first (`free_if_orphaned`).
+            // SAFETY: tree lock held; the registry's one domain.
+            if unsafe { self.tree.remove(&self.rcu, &key) }.is_ok() {
+                // SAFETY: tree lock held.
+                unsafe { self.unlink_orphan(cur) };
+                // SAFETY: an orphan's callback is untouched (its final put gave up first).
+                if let Some(cb) = o.free_cb.with_mut(|c| unsafe { (*c).take() }) {
+                    self.rcu.defer(cb);
+                }
+            }
+            cur = next;
+        }
+    }
+
     /// `dying` was just removed from the tree by a writer; free it if its final put left it
     /// orphaned.
     ///
     /// # Safety
     ///
-    /// `dying` was in the tree until this moment (so it is allocated).
+    /// The tree lock is held, and `dying` was in the tree until this moment (so it is
+    /// allocated).
     unsafe fn free_if_orphaned(&self, dying: *const Probe<C>) {
         // SAFETY: the caller's contract.
         let d = unsafe { &*dying };
-        // Relaxed: `orphaned` is set under the tree lock, which the removal held; this thread
-        // released it after the removal, and the final put (if any) set it before that.
+        // Relaxed: `orphaned` is set under the tree lock, which the caller holds.
         if d.orphaned.load(Ordering::Relaxed) {
+            // SAFETY: tree lock held; an orphan is on the list until unlinked here or retried.
+            unsafe { self.unlink_orphan(dying) };
             // SAFETY: an orphan's callback is untouched (its final put returned before taking it).
             if let Some(cb) = d.free_cb.with_mut(|c| unsafe { (*c).take() }) {
                 self.rcu.defer(cb);
             }
         }
     }
-}
-
-/// Frees a consumer list.
-///
-/// # Safety
-///
-/// `l` was boxed by the registry and no reader can reach it.
-unsafe fn free_list<C: ?Sized>(l: *mut ConsumerList<C>) {
-    // SAFETY: the caller's contract.
-    let b = unsafe { Box::from_raw(l) };
-    b.free_check.mark_freed();
-    quarantine(b);
 }
 
 /// Frees a probe and its consumer list (empty by then, unless the probe was never published).
@@ -624,6 +779,16 @@ unsafe fn free_probe<C: ?Sized>(p: *mut Probe<C>) {
     if !l.is_null() {
         // SAFETY: the probe owned its current list.
         unsafe { free_list(l) };
+    }
+    // Its spares were never published.
+    loop {
+        // SAFETY: we own the probe.
+        let s = unsafe { b.pop_spare() };
+        if s.is_null() {
+            break;
+        }
+        // SAFETY: an unpublished spare of ours.
+        unsafe { free_list(s) };
     }
     quarantine(b);
 }

@@ -37,6 +37,9 @@ pub enum Bug {
     TreeFreeNodesEarly,
     /// Consumers: the removed consumer list is freed at once instead of after a grace period.
     ConsumerFreeEarly,
+    /// Consumers: a replaced list is recycled as the probe's spare at once (emptied for the next
+    /// unregistration to fill) instead of being retired through a grace period.
+    SpareRecycledEarly,
     /// Consumers: the new consumer list is published with a relaxed store instead of release.
     ConsumerPublishRelaxed,
     /// Spinlock: unlock with a relaxed store instead of release.

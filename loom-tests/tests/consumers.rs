@@ -1,5 +1,8 @@
 //! Consumers added and removed while hits traverse them: a traversal sees a whole list, and after
 //! `unregister` + `sync` no hit calls the removed consumer (the two-phase unregister promise).
+//! The registration reserves a spare list and the unregistration builds its shorter list in it
+//! (reserve, then lock and publish: unregistration never allocates), so the model also covers a
+//! spare's life: it must never be a list a hit can still reach.
 //!
 //! Two threads (a writer that adds one consumer, removes another, waits a grace period and then
 //! retires the removed consumer; a hit that traverses), unbounded.
@@ -52,6 +55,11 @@ fn consumers_add_remove_vs_traversal() {
 #[test]
 fn seeded_old_list_freed_without_grace_period() {
     common::must_catch(Bug::ConsumerFreeEarly, model);
+}
+
+#[test]
+fn seeded_replaced_list_recycled_as_spare_without_grace_period() {
+    common::must_catch(Bug::SpareRecycledEarly, model);
 }
 
 #[test]
