@@ -108,7 +108,7 @@ use crate::arch::{CodeSpace, SavedInsn};
 use crate::error::{Error, Result};
 use crate::lock::{DEFAULT_LOCK_SLOTS, RawGuard, RawLock, SpinLock};
 use crate::optimizer::{Armed, Optimizer, ProbeState, Then, Trap};
-use crate::probe::{ObjectId, ProbeKey};
+use crate::probe::{ConsumerHandle, ObjectId, ProbeKey};
 use crate::rcu::Rcu;
 use crate::registry::Registry;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
@@ -211,20 +211,22 @@ pub struct Kprobes<
     L: RawLock = SpinLock,
     M: RawLock = SpinLock,
     const N: usize = DEFAULT_LOCK_SLOTS,
+    P: ConsumerHandle<Target = Kprobe<H>> = Arc<Kprobe<H>>,
 > {
     rcu: D,
     mutex: M,
-    registry: Registry<Kprobe<H>, D, L, N>,
+    registry: Registry<Kprobe<H>, D, L, N, P>,
     optimizer: Optimizer<S, D, M>,
 }
 
-impl<H, S, D, L, M, const N: usize> fmt::Debug for Kprobes<H, S, D, L, M, N>
+impl<H, S, D, L, M, const N: usize, P> fmt::Debug for Kprobes<H, S, D, L, M, N, P>
 where
     H: Send + Sync + 'static,
     S: CodeSpace,
     D: SharedRcu,
     L: RawLock,
     M: RawLock,
+    P: ConsumerHandle<Target = Kprobe<H>>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Kprobes")
@@ -233,13 +235,14 @@ where
     }
 }
 
-impl<H, S, D, L, M, const N: usize> Kprobes<H, S, D, L, M, N>
+impl<H, S, D, L, M, const N: usize, P> Kprobes<H, S, D, L, M, N, P>
 where
     H: Send + Sync + 'static,
     S: CodeSpace,
     D: SharedRcu,
     L: RawLock + Default,
     M: RawLock + Default,
+    P: ConsumerHandle<Target = Kprobe<H>>,
 {
     /// Kprobes over `space`, with `rcu` the one domain of hits and writers.
     pub fn new(space: S, rcu: D) -> Self {
@@ -247,13 +250,14 @@ where
     }
 }
 
-impl<H, S, D, L, M, const N: usize> Kprobes<H, S, D, L, M, N>
+impl<H, S, D, L, M, const N: usize, P> Kprobes<H, S, D, L, M, N, P>
 where
     H: Send + Sync + 'static,
     S: CodeSpace,
     D: SharedRcu,
     L: RawLock,
     M: RawLock,
+    P: ConsumerHandle<Target = Kprobe<H>>,
 {
     /// [`Kprobes::new`] with the embedder's initialized locks: the layer's `mutex`, the
     /// optimizer's `optimizer_lock` (both may sleep), and `registry_lock` called for each of the
@@ -292,7 +296,7 @@ where
     /// last consumer: the hit path's entry point. No lock, no shared store, no allocation (as
     /// the domain's `read_lock` promises).
     #[inline]
-    pub fn read<'r>(&'r self, reader: &'r D::Reader<'_>) -> KprobesGuard<'r, H, S, D, L, M, N> {
+    pub fn read<'r>(&'r self, reader: &'r D::Reader<'_>) -> KprobesGuard<'r, H, S, D, L, M, N, P> {
         KprobesGuard {
             kprobes: self,
             guard: self.rcu.read_lock(reader),
@@ -327,14 +331,14 @@ where
 
     /// How many of the consumers at `addr` are enabled, and whether `kp` is among them all
     /// (`None`: no consumer at `addr`). Under the mutex.
-    fn census(&self, addr: u64, kp: &Arc<Kprobe<H>>) -> Option<(usize, bool)> {
+    fn census(&self, addr: u64, kp: &P) -> Option<(usize, bool)> {
         self.registry.with_consumers(&Self::key(addr), |list| {
             (
                 // Relaxed: the flags are written only under the mutex, which we hold.
                 list.iter()
-                    .filter(|k| k.enabled.load(Ordering::Relaxed))
+                    .filter(|k| k.consumer().enabled.load(Ordering::Relaxed))
                     .count(),
-                list.iter().any(|k| Arc::ptr_eq(k, kp)),
+                list.iter().any(|k| P::same_consumer(k, kp)),
             )
         })
     }
@@ -353,12 +357,12 @@ where
     /// * [`Error::NoMemory`] — an allocation failed.
     ///
     /// On error nothing changed: neither the consumers nor the code.
-    pub fn register(&self, kp: Arc<Kprobe<H>>) -> Result<Armed> {
+    pub fn register(&self, kp: P) -> Result<Armed> {
         let _m = RawGuard::lock(&self.mutex);
-        let addr = kp.addr;
+        let addr = kp.consumer().addr;
         let key = Self::key(addr);
         // Relaxed: the flag is written only under the mutex, which we hold.
-        let enabled = kp.enabled.load(Ordering::Relaxed);
+        let enabled = kp.consumer().enabled.load(Ordering::Relaxed);
         match self.census(addr, &kp) {
             Some((_, true)) => Err(Error::DuplicateConsumer),
             Some((on, false)) => {
@@ -403,9 +407,9 @@ where
     /// Only misuse fails: unregistration never allocates (its shorter list was reserved by the
     /// registration; see the [registry's invariants](crate::registry)), so a registered kprobe
     /// always unregisters. On error nothing changed.
-    pub fn unregister(&self, kp: &Arc<Kprobe<H>>) -> Result<()> {
+    pub fn unregister(&self, kp: &P) -> Result<()> {
         let _m = RawGuard::lock(&self.mutex);
-        let addr = kp.addr;
+        let addr = kp.consumer().addr;
         let (on, _) = self.census(addr, kp).ok_or(Error::UnknownProbe)?;
         let last = self.registry.unregister_last(&Self::key(addr), kp)?;
         if last.is_some() {
@@ -413,7 +417,7 @@ where
             return self.optimizer.unregister(addr);
         }
         // Relaxed: written only under the mutex, which we hold.
-        if kp.enabled.load(Ordering::Relaxed) && on == 1 {
+        if kp.consumer().enabled.load(Ordering::Relaxed) && on == 1 {
             // It was the only enabled consumer left.
             self.optimizer.disable(addr)?;
         }
@@ -428,7 +432,7 @@ where
     /// # Errors
     ///
     /// [`Error::UnknownProbe`] / [`Error::UnknownConsumer`] — `kp` is not registered.
-    pub fn disable(&self, kp: &Arc<Kprobe<H>>) -> Result<()> {
+    pub fn disable(&self, kp: &P) -> Result<()> {
         self.set_enabled(kp, false)
     }
 
@@ -438,27 +442,29 @@ where
     /// # Errors
     ///
     /// As for [`Kprobes::disable`].
-    pub fn enable(&self, kp: &Arc<Kprobe<H>>) -> Result<()> {
+    pub fn enable(&self, kp: &P) -> Result<()> {
         self.set_enabled(kp, true)
     }
 
-    fn set_enabled(&self, kp: &Arc<Kprobe<H>>, on: bool) -> Result<()> {
+    fn set_enabled(&self, kp: &P, on: bool) -> Result<()> {
         let _m = RawGuard::lock(&self.mutex);
-        let (enabled, ours) = self.census(kp.addr, kp).ok_or(Error::UnknownProbe)?;
+        let (enabled, ours) = self
+            .census(kp.consumer().addr, kp)
+            .ok_or(Error::UnknownProbe)?;
         if !ours {
             return Err(Error::UnknownConsumer);
         }
         // Relaxed: written only under the mutex, which we hold.
-        if kp.enabled.load(Ordering::Relaxed) == on {
+        if kp.consumer().enabled.load(Ordering::Relaxed) == on {
             return Ok(());
         }
         // Release pairs with the Acquire load in `Consumers::run`: a hit that sees the kprobe
         // enabled sees everything the enabler did before.
-        kp.enabled.store(on, Ordering::Release);
+        kp.consumer().enabled.store(on, Ordering::Release);
         if on && enabled == 0 {
-            self.optimizer.enable(kp.addr)?;
+            self.optimizer.enable(kp.consumer().addr)?;
         } else if !on && enabled == 1 {
-            self.optimizer.disable(kp.addr)?;
+            self.optimizer.disable(kp.consumer().addr)?;
         }
         Ok(())
     }
@@ -473,18 +479,19 @@ pub struct KprobesGuard<
     L: RawLock,
     M: RawLock,
     const N: usize,
+    P: ConsumerHandle<Target = Kprobe<H>>,
 > {
-    kprobes: &'r Kprobes<H, S, D, L, M, N>,
+    kprobes: &'r Kprobes<H, S, D, L, M, N, P>,
     guard: D::Guard<'r>,
 }
 
 /// The answer to a trap at a kprobe address.
-pub enum KprobeTrap<'g, H: Send + Sync + 'static> {
+pub enum KprobeTrap<'g, H: Send + Sync + 'static, P = Arc<Kprobe<H>>> {
     /// Ours: run `consumers` (empty while every kprobe there is disabled, or while it is being
     /// unregistered), then continue as `then` says.
     Probe {
         /// The consumers to run ([`Consumers::run`]).
-        consumers: Consumers<'g, H>,
+        consumers: Consumers<'g, H, P>,
         /// How to continue: step (or emulate) the original instruction, or continue at the
         /// trampoline's displaced instructions.
         then: Then<'g>,
@@ -496,7 +503,7 @@ pub enum KprobeTrap<'g, H: Send + Sync + 'static> {
     Restart,
 }
 
-impl<H: Send + Sync + 'static> fmt::Debug for KprobeTrap<'_, H> {
+impl<H: Send + Sync + 'static, P> fmt::Debug for KprobeTrap<'_, H, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KprobeTrap::Probe { consumers, then } => f
@@ -510,19 +517,20 @@ impl<H: Send + Sync + 'static> fmt::Debug for KprobeTrap<'_, H> {
     }
 }
 
-impl<'r, H, S, D, L, M, const N: usize> KprobesGuard<'r, H, S, D, L, M, N>
+impl<'r, H, S, D, L, M, const N: usize, P> KprobesGuard<'r, H, S, D, L, M, N, P>
 where
     H: Send + Sync + 'static,
     S: CodeSpace,
     D: SharedRcu + 'r,
     L: RawLock,
     M: RawLock,
+    P: ConsumerHandle<Target = Kprobe<H>>,
 {
     /// A CPU trapped at `addr`. Lock-free and store-free: one lookup in the optimizer's table,
     /// one flag word, and (if the probe fires) one lookup in the registry's tree, under this
     /// one read section.
     #[inline]
-    pub fn on_breakpoint(&self, addr: u64) -> KprobeTrap<'_, H> {
+    pub fn on_breakpoint(&self, addr: u64) -> KprobeTrap<'_, H, P> {
         match self.kprobes.optimizer.on_breakpoint(&self.guard, addr) {
             Trap::Probe { fire, then } => KprobeTrap::Probe {
                 consumers: if fire {
@@ -540,7 +548,7 @@ where
     /// A trampoline calls in for the probe at `addr`: the consumers to run (none once the probe
     /// is disabled or gone: its trampoline can be entered until the next quiescence wait).
     #[inline]
-    pub fn on_trampoline(&self, addr: u64) -> Consumers<'_, H> {
+    pub fn on_trampoline(&self, addr: u64) -> Consumers<'_, H, P> {
         if self.kprobes.optimizer.on_trampoline(&self.guard, addr) {
             self.consumers(addr)
         } else {
@@ -548,31 +556,33 @@ where
         }
     }
 
-    fn consumers(&self, addr: u64) -> Consumers<'_, H> {
+    fn consumers(&self, addr: u64) -> Consumers<'_, H, P> {
         // SAFETY: `self.guard` was taken on `self.kprobes.rcu`, and the registry retires
         // through a clone of it, which `SharedRcu` promises is the same domain (INVARIANT).
         let view = unsafe {
             self.kprobes
                 .registry
-                .lookup_under(&self.guard, &Kprobes::<H, S, D, L, M, N>::key(addr))
+                .lookup_under(&self.guard, &Kprobes::<H, S, D, L, M, N, P>::key(addr))
         };
         Consumers {
             list: view.map_or(&[][..], |v| v.consumers()),
+            _handler: core::marker::PhantomData,
         }
     }
 }
 
 /// The consumers a hit found, valid for its read section.
-pub struct Consumers<'g, H> {
-    list: &'g [Arc<Kprobe<H>>],
+pub struct Consumers<'g, H, P = Arc<Kprobe<H>>> {
+    list: &'g [P],
+    _handler: core::marker::PhantomData<fn() -> H>,
 }
 
-impl<H> Clone for Consumers<'_, H> {
+impl<H, P> Clone for Consumers<'_, H, P> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<H> Copy for Consumers<'_, H> {}
+impl<H, P> Copy for Consumers<'_, H, P> {}
 
 /// What [`Consumers::run`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -584,15 +594,18 @@ pub enum Ran {
     Missed(usize),
 }
 
-impl<'g, H> Consumers<'g, H> {
-    const NONE: Self = Self { list: &[] };
+impl<'g, H: 'g, P: ConsumerHandle<Target = Kprobe<H>>> Consumers<'g, H, P> {
+    const NONE: Self = Self {
+        list: &[],
+        _handler: core::marker::PhantomData,
+    };
 
     /// The enabled kprobes, in registration order. No reference count is touched.
     #[inline]
     pub fn iter(&self) -> impl Iterator<Item = &'g Kprobe<H>> + 'g {
         self.list
             .iter()
-            .map(|k| &**k)
+            .map(|k| k.consumer())
             // Acquire pairs with the Release store in `Kprobes::set_enabled`.
             .filter(|k| k.enabled.load(Ordering::Acquire))
     }
@@ -698,6 +711,7 @@ mod tests {
     extern crate std;
     use super::*;
     use crate::alloc_util::fail_after;
+    use crate::lock::{DEFAULT_LOCK_SLOTS, SpinLock};
     use crate::optimizer::{Code, Queue};
     use crate::rcu::SlotRcu;
     use crate::testing::ByteCode;
@@ -970,6 +984,103 @@ mod tests {
         );
     }
 
+    /// A kernel's own reference-counted pointer, as the handle type: the layer and the
+    /// registry hold clones of it in their lists and drop every one by the time the kprobe is
+    /// unregistered and a grace period has passed.
+    #[test]
+    fn a_kernels_own_refcounted_pointer_works_as_the_handle() {
+        use core::ptr::NonNull;
+        struct Inner<T> {
+            refs: std::sync::atomic::AtomicUsize,
+            value: T,
+        }
+        struct KArc<T>(NonNull<Inner<T>>);
+        // SAFETY: shared ownership of a `Sync` value, as `Arc`.
+        unsafe impl<T: Send + Sync> Send for KArc<T> {}
+        // SAFETY: as above.
+        unsafe impl<T: Send + Sync> Sync for KArc<T> {}
+        impl<T> KArc<T> {
+            fn new(value: T) -> Self {
+                let b = std::boxed::Box::new(Inner {
+                    refs: std::sync::atomic::AtomicUsize::new(1),
+                    value,
+                });
+                KArc(NonNull::from(std::boxed::Box::leak(b)))
+            }
+            fn count(&self) -> usize {
+                // SAFETY: we hold a reference.
+                unsafe { self.0.as_ref() }.refs.load(Ordering::SeqCst)
+            }
+        }
+        impl<T> Clone for KArc<T> {
+            fn clone(&self) -> Self {
+                // SAFETY: we hold a reference.
+                unsafe { self.0.as_ref() }
+                    .refs
+                    .fetch_add(1, Ordering::Relaxed);
+                KArc(self.0)
+            }
+        }
+        impl<T> Drop for KArc<T> {
+            fn drop(&mut self) {
+                // SAFETY: we hold a reference; the last one frees.
+                if unsafe { self.0.as_ref() }
+                    .refs
+                    .fetch_sub(1, Ordering::AcqRel)
+                    == 1
+                {
+                    // SAFETY: the last reference: nobody else can reach the allocation.
+                    drop(unsafe { std::boxed::Box::from_raw(self.0.as_ptr()) });
+                }
+            }
+        }
+        // SAFETY: clone and drop are count operations (the last drop frees); identity by pointer.
+        unsafe impl<T: Send + Sync + 'static> ConsumerHandle for KArc<T> {
+            type Target = T;
+            fn consumer(&self) -> &T {
+                // SAFETY: we hold a reference.
+                &unsafe { self.0.as_ref() }.value
+            }
+            fn same_consumer(a: &Self, b: &Self) -> bool {
+                a.0 == b.0
+            }
+        }
+
+        type K = Kprobes<
+            Handler,
+            ByteCode,
+            Arc<SlotRcu>,
+            SpinLock,
+            SpinLock,
+            DEFAULT_LOCK_SLOTS,
+            KArc<Kprobe<Handler>>,
+        >;
+        let k: K = Kprobes::new(
+            ByteCode::new((1..=64).collect(), 5),
+            Arc::new(SlotRcu::new()),
+        );
+        let a = KArc::new(Kprobe::new(16, "a"));
+        let b = KArc::new(Kprobe::new(16, "b"));
+        k.register(a.clone()).unwrap();
+        k.register(b.clone()).unwrap();
+        let reader = k.rcu().register().unwrap();
+        let ran: Vec<Handler> = {
+            let g = k.read(&reader);
+            let mut v = Vec::new();
+            g.on_trampoline(16)
+                .run(&Reentry::new(), |kp| v.push(*kp.handler()));
+            v
+        };
+        assert_eq!(ran, ["a", "b"]);
+        assert!(a.count() > 1, "the layer holds clones");
+        k.unregister(&a).unwrap();
+        k.unregister(&b).unwrap();
+        k.sync();
+        k.wait_for_optimizer();
+        k.sync();
+        assert_eq!((a.count(), b.count()), (1, 1), "a list kept a clone");
+    }
+
     #[test]
     fn one_domain_for_both_structures() {
         // The registry and the optimizer hold clones of the layer's `Arc`: one domain.
@@ -980,7 +1091,6 @@ mod tests {
 
     #[test]
     fn initialized_locks_are_used() {
-        use crate::lock::SpinLock;
         let made = AtomicUsize::new(0);
         let k: Kprobes<Handler, ByteCode, Arc<SlotRcu>, SpinLock, SpinLock, 8> =
             Kprobes::with_locks(

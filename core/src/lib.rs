@@ -98,7 +98,7 @@ pub mod prelude {
     pub use crate::lock::{LockTable, RawLock, SpinLock};
     pub use crate::mm::{AddressSpace, AddressSpaceOps, MmId, PAGE_SIZE, VmFlags, VmaInfo};
     pub use crate::optimizer::{Armed, Optimizer, Then, Trap};
-    pub use crate::probe::{ObjectId, Probe, ProbeKey};
+    pub use crate::probe::{ConsumerHandle, ObjectId, Probe, ProbeKey};
     #[cfg(all(feature = "epoch", not(loom)))]
     pub use crate::rcu::EpochRcu;
     pub use crate::rcu::{Rcu, SlotRcu};

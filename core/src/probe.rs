@@ -69,6 +69,40 @@ impl ProbeKey {
     }
 }
 
+/// How the registry holds a consumer: a shared, reference-counted handle to it.
+/// `alloc::sync::Arc` is one (the default everywhere); a kernel with its own reference-counted
+/// pointer implements this for it and uses it as the registry's (and the kprobes layer's)
+/// handle type.
+///
+/// # Safety
+///
+/// `clone` and `drop` must not allocate, block or fail — a reference-count increment and
+/// decrement (the last drop may free the consumer): unregistration clones handles under the
+/// registry's locks and promises never to allocate, and lists are dropped in RCU callbacks.
+/// `same_consumer` must be an identity test: true exactly when both handles point to one consumer.
+pub unsafe trait ConsumerHandle: Clone + Send + Sync + 'static {
+    /// The consumer.
+    type Target: ?Sized;
+    /// The consumer this handle points to.
+    fn consumer(&self) -> &Self::Target;
+    /// Do `a` and `b` point to the same consumer?
+    fn same_consumer(a: &Self, b: &Self) -> bool;
+}
+
+// SAFETY: `Arc`'s clone and drop are reference-count operations (the last drop frees, through
+// the global allocator's `dealloc`, which does not allocate); `ptr_eq` is identity.
+unsafe impl<C: ?Sized + Send + Sync + 'static> ConsumerHandle for Arc<C> {
+    type Target = C;
+    #[inline]
+    fn consumer(&self) -> &C {
+        self
+    }
+    #[inline]
+    fn same_consumer(a: &Self, b: &Self) -> bool {
+        Arc::ptr_eq(a, b)
+    }
+}
+
 /// Consumers stored in the list's own allocation up to this many: a hit then reads the list
 /// header and its consumers from one place instead of chasing a separate buffer (one dependent
 /// cache miss fewer per hit; most probes have one or two consumers).
@@ -76,12 +110,12 @@ pub const INLINE_CONSUMERS: usize = 4;
 
 /// The consumers of a list: inline when few, in a vector when many. A vector is never shrunk
 /// (no reallocation when a spare's reserved capacity is filled with fewer items).
-enum Items<C: ?Sized> {
-    Inline(usize, [MaybeUninit<Arc<C>>; INLINE_CONSUMERS]),
-    Heap(Vec<Arc<C>>),
+enum Items<P> {
+    Inline(usize, [MaybeUninit<P>; INLINE_CONSUMERS]),
+    Heap(Vec<P>),
 }
 
-impl<C: ?Sized> Items<C> {
+impl<P> Items<P> {
     fn empty() -> Self {
         // INVARIANT: the first 0 elements are initialized.
         Items::Inline(0, [const { MaybeUninit::uninit() }; INLINE_CONSUMERS])
@@ -105,7 +139,7 @@ impl<C: ?Sized> Items<C> {
     /// Fills empty storage with exactly `len` consumers from `it`. Never allocates: the storage
     /// has room (the caller checked [`Items::has_room`]); inline storage is chosen whenever the
     /// list fits, dropping a reserved vector.
-    fn fill(&mut self, len: usize, it: impl Iterator<Item = Arc<C>>) {
+    fn fill(&mut self, len: usize, it: impl Iterator<Item = P>) {
         if len <= INLINE_CONSUMERS {
             let mut arr = [const { MaybeUninit::uninit() }; INLINE_CONSUMERS];
             let mut n = 0;
@@ -121,19 +155,19 @@ impl<C: ?Sized> Items<C> {
         }
     }
 
-    fn as_slice(&self) -> &[Arc<C>] {
+    fn as_slice(&self) -> &[P] {
         match self {
             // SAFETY: the first `n` elements are initialized (INVARIANT in `fill` / `empty`), and
             // `MaybeUninit<T>` has `T`'s layout.
             Items::Inline(n, arr) => unsafe {
-                core::slice::from_raw_parts(arr.as_ptr().cast::<Arc<C>>(), *n)
+                core::slice::from_raw_parts(arr.as_ptr().cast::<P>(), *n)
             },
             Items::Heap(v) => v,
         }
     }
 }
 
-impl<C: ?Sized> Drop for Items<C> {
+impl<P> Drop for Items<P> {
     fn drop(&mut self) {
         if let Items::Inline(n, arr) = self {
             for slot in &mut arr[..*n] {
@@ -156,17 +190,17 @@ unsafe impl<T: ?Sized> Send for SendPtr<T> {}
 /// Every list carries its own retirement: the callback that frees it after a grace period,
 /// allocated with it, so replacing a list never allocates either.
 #[repr(align(64))]
-pub(crate) struct ConsumerList<C: ?Sized> {
-    items: UnsafeCell<Items<C>>,
+pub(crate) struct ConsumerList<P> {
+    items: UnsafeCell<Items<P>>,
     /// Frees this list; taken (once) when the list is retired. `None` after that.
     retire: UnsafeCell<Option<Deferred>>,
     /// The next spare on its probe's spare stack (while this is a spare; writer-side, under the
     /// object's lock).
-    next_spare: UnsafeCell<*mut ConsumerList<C>>,
+    next_spare: UnsafeCell<*mut ConsumerList<P>>,
     pub(crate) free_check: FreeCheck,
 }
 
-impl<C: ?Sized + Send + Sync + 'static> ConsumerList<C> {
+impl<P: ConsumerHandle> ConsumerList<P> {
     /// A boxed list with room for `room` consumers, holding none yet, and its retirement
     /// callback. All fallible allocation of a list happens here.
     pub(crate) fn alloc(room: usize) -> crate::Result<*mut Self> {
@@ -197,7 +231,7 @@ impl<C: ?Sized + Send + Sync + 'static> ConsumerList<C> {
     }
 
     /// A boxed list of exactly `len` consumers from `it`.
-    pub(crate) fn new(len: usize, it: impl Iterator<Item = Arc<C>>) -> crate::Result<*mut Self> {
+    pub(crate) fn new(len: usize, it: impl Iterator<Item = P>) -> crate::Result<*mut Self> {
         let p = Self::alloc(len)?;
         // SAFETY: fresh, unpublished, with room for `len`.
         unsafe { Self::fill(p, len, it) };
@@ -205,13 +239,13 @@ impl<C: ?Sized + Send + Sync + 'static> ConsumerList<C> {
     }
 }
 
-impl<C: ?Sized> ConsumerList<C> {
+impl<P> ConsumerList<P> {
     /// Fills an unpublished, empty list with exactly `len` consumers. Never allocates.
     ///
     /// # Safety
     ///
     /// `p` is unpublished, empty and ours, with room for `len` ([`ConsumerList::has_room`]).
-    pub(crate) unsafe fn fill(p: *mut Self, len: usize, it: impl Iterator<Item = Arc<C>>) {
+    pub(crate) unsafe fn fill(p: *mut Self, len: usize, it: impl Iterator<Item = P>) {
         // SAFETY: the caller's contract: nobody else reaches `p`.
         unsafe { (*p).items.with_mut(|i| (*i).fill(len, it)) };
     }
@@ -271,7 +305,7 @@ impl<C: ?Sized> ConsumerList<C> {
     ///
     /// The list is published (or owned) and the caller keeps it alive for `'a` (a read guard,
     /// or the object's lock under which it is the current list).
-    pub(crate) unsafe fn items<'a>(p: *const Self) -> &'a [Arc<C>] {
+    pub(crate) unsafe fn items<'a>(p: *const Self) -> &'a [P] {
         // SAFETY: the caller's contract.
         let list = unsafe { &*p };
         list.free_check.check();
@@ -285,7 +319,7 @@ impl<C: ?Sized> ConsumerList<C> {
 /// # Safety
 ///
 /// `l` came from [`ConsumerList::alloc`] and no reader can reach it.
-pub(crate) unsafe fn free_list<C: ?Sized>(l: *mut ConsumerList<C>) {
+pub(crate) unsafe fn free_list<P>(l: *mut ConsumerList<P>) {
     // SAFETY: the caller's contract.
     let b = unsafe { Box::from_raw(l) };
     b.free_check.mark_freed();
@@ -297,20 +331,20 @@ pub(crate) unsafe fn free_list<C: ?Sized>(l: *mut ConsumerList<C>) {
 ///
 /// Cache-line aligned, with what a hit reads (the consumer list pointer, the key) first.
 #[repr(C, align(64))]
-pub struct Probe<C: ?Sized> {
-    pub(crate) consumers: AtomicPtr<ConsumerList<C>>,
+pub struct Probe<P> {
+    pub(crate) consumers: AtomicPtr<ConsumerList<P>>,
     key: ProbeKey,
     pub(crate) refs: AtomicUsize,
     /// The writers' copy of `consumers`, read and written only under the object's lock, so a
     /// writer never loads the published pointer it is about to replace (see `ProbeTree`'s
     /// writer view for why).
-    pub(crate) consumers_w: UnsafeCell<*mut ConsumerList<C>>,
+    pub(crate) consumers_w: UnsafeCell<*mut ConsumerList<P>>,
     /// Left in the tree by a final put whose removal could not allocate; whoever next removes or
     /// replaces this entry frees it. Read and written only under the tree lock.
     pub(crate) orphaned: AtomicBool,
     /// The next orphan on the registry's orphan list (read and written only under the tree
     /// lock, hence Relaxed).
-    pub(crate) orphan_next: AtomicPtr<Probe<C>>,
+    pub(crate) orphan_next: AtomicPtr<Probe<P>>,
     /// The original bytes the breakpoint replaces (immutable after creation).
     pub(crate) insn: crate::arch::SavedInsn,
     /// The callback that frees this probe, allocated when the probe was, so the final put — which
@@ -318,11 +352,11 @@ pub struct Probe<C: ?Sized> {
     pub(crate) free_cb: UnsafeCell<Option<Deferred>>,
     /// Spare consumer lists, reserved by registrations for later unregistrations (a stack
     /// through `ConsumerList::next_spare`); read and written only under the object's lock.
-    spares: UnsafeCell<*mut ConsumerList<C>>,
+    spares: UnsafeCell<*mut ConsumerList<P>>,
     pub(crate) free_check: FreeCheck,
 }
 
-impl<C: ?Sized> fmt::Debug for Probe<C> {
+impl<P> fmt::Debug for Probe<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Probe")
             .field("key", &self.key)
@@ -332,11 +366,11 @@ impl<C: ?Sized> fmt::Debug for Probe<C> {
     }
 }
 
-impl<C: ?Sized> Probe<C> {
+impl<P> Probe<P> {
     pub(crate) fn new(
         key: ProbeKey,
         refs: usize,
-        consumers: *mut ConsumerList<C>,
+        consumers: *mut ConsumerList<P>,
         insn: crate::arch::SavedInsn,
     ) -> Self {
         Self {
@@ -358,7 +392,7 @@ impl<C: ?Sized> Probe<C> {
     /// # Safety
     ///
     /// The caller holds the object's lock (or owns the probe) and owns `l`, which is empty.
-    pub(crate) unsafe fn push_spare(&self, l: *mut ConsumerList<C>) {
+    pub(crate) unsafe fn push_spare(&self, l: *mut ConsumerList<P>) {
         // SAFETY: the caller's contract: writer-side state under the object's lock.
         self.spares.with_mut(|head| unsafe {
             (*l).next_spare.with_mut(|n| *n = *head);
@@ -371,7 +405,7 @@ impl<C: ?Sized> Probe<C> {
     /// # Safety
     ///
     /// As for [`Probe::push_spare`].
-    pub(crate) unsafe fn pop_spare(&self) -> *mut ConsumerList<C> {
+    pub(crate) unsafe fn pop_spare(&self) -> *mut ConsumerList<P> {
         // SAFETY: as above.
         self.spares.with_mut(|head| unsafe {
             let l = *head;
@@ -387,7 +421,7 @@ impl<C: ?Sized> Probe<C> {
     /// # Safety
     ///
     /// As for [`Probe::push_spare`]; `f` does not push or pop.
-    pub(crate) unsafe fn for_each_spare(&self, mut f: impl FnMut(*mut ConsumerList<C>)) {
+    pub(crate) unsafe fn for_each_spare(&self, mut f: impl FnMut(*mut ConsumerList<P>)) {
         // SAFETY: as above.
         let mut l = self.spares.with(|head| unsafe { *head });
         while !l.is_null() {
@@ -473,7 +507,7 @@ impl<C: ?Sized> Probe<C> {
     ///
     /// The caller holds the object's lock.
     #[inline]
-    pub(crate) unsafe fn writer_list(&self) -> *mut ConsumerList<C> {
+    pub(crate) unsafe fn writer_list(&self) -> *mut ConsumerList<P> {
         self.free_check.check();
         // SAFETY: the object's lock serializes every access to the writers' copy.
         self.consumers_w.with(|p| unsafe { *p })
@@ -485,7 +519,7 @@ impl<C: ?Sized> Probe<C> {
     ///
     /// The caller holds the object's lock, and `new` is fully initialized.
     #[inline]
-    pub(crate) unsafe fn set_list(&self, new: *mut ConsumerList<C>, order: Ordering) {
+    pub(crate) unsafe fn set_list(&self, new: *mut ConsumerList<P>, order: Ordering) {
         // SAFETY: the object's lock, as in `writer_list`.
         self.consumers_w.with_mut(|p| unsafe { *p = new });
         self.consumers.store(new, order);
@@ -493,7 +527,7 @@ impl<C: ?Sized> Probe<C> {
 
     /// The current consumer list pointer (null when none), reader side.
     #[inline]
-    pub(crate) fn consumer_list(&self) -> *mut ConsumerList<C> {
+    pub(crate) fn consumer_list(&self) -> *mut ConsumerList<P> {
         self.free_check.check();
         // Acquire pairs with the Release store in `Registry::publish_consumers`: the list's
         // contents were written before its pointer.

@@ -89,13 +89,14 @@ use crate::alloc_util::try_box;
 use crate::arch::SavedInsn;
 use crate::error::{Error, Result};
 use crate::lock::{CachePadded, DEFAULT_LOCK_SLOTS, LockTable, RawGuard, RawLock, SpinLock};
-use crate::probe::{ConsumerList, ObjectId, Probe, ProbeKey, free_list};
+use crate::probe::{ConsumerHandle, ConsumerList, ObjectId, Probe, ProbeKey, free_list};
 use crate::rcu::{Deferred, Rcu};
 use crate::sync::{AtomicPtr, Ordering, quarantine};
 use crate::tree::ProbeTree;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::fmt;
+use core::marker::PhantomData;
 use core::ops::Range;
 use core::ptr::{self, NonNull};
 
@@ -110,18 +111,25 @@ unsafe impl<T: ?Sized> Send for SendPtr<T> {}
 /// `C` is the consumer type (`dyn Fn(..) + Send + Sync`, a struct, a trait object of the
 /// embedder's); `R` the RCU domain; `L` the raw lock for writers; `N` the number of hashed
 /// per-object locks.
-pub struct Registry<C: ?Sized, R: Rcu, L: RawLock = SpinLock, const N: usize = DEFAULT_LOCK_SLOTS> {
+pub struct Registry<
+    C: ?Sized,
+    R: Rcu,
+    L: RawLock = SpinLock,
+    const N: usize = DEFAULT_LOCK_SLOTS,
+    P = Arc<C>,
+> {
     rcu: R,
-    tree: ProbeTree<Probe<C>>,
+    tree: ProbeTree<Probe<P>>,
     tree_lock: CachePadded<L>,
     objects: LockTable<L, N>,
     /// Dying probes whose removal from the tree could not allocate, retried by every later
     /// tree-locked write and by [`Registry::sync`] (a stack through `Probe::orphan_next`; read
     /// and written only under the tree lock).
-    orphans: AtomicPtr<Probe<C>>,
+    orphans: AtomicPtr<Probe<P>>,
+    _consumer: PhantomData<fn() -> *const C>,
 }
 
-impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> fmt::Debug for Registry<C, R, L, N> {
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize, P> fmt::Debug for Registry<C, R, L, N, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Registry")
             .field("probes", &self.tree.len())
@@ -129,7 +137,7 @@ impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> fmt::Debug for Registry<C, R
     }
 }
 
-impl<C, R, L, const N: usize> Registry<C, R, L, N>
+impl<C, R, L, const N: usize, P: ConsumerHandle<Target = C>> Registry<C, R, L, N, P>
 where
     C: ?Sized + Send + Sync + 'static,
     R: Rcu,
@@ -141,7 +149,7 @@ where
     }
 }
 
-impl<C, R, L, const N: usize> Registry<C, R, L, N>
+impl<C, R, L, const N: usize, P: ConsumerHandle<Target = C>> Registry<C, R, L, N, P>
 where
     C: ?Sized + Send + Sync + 'static,
     R: Rcu,
@@ -158,11 +166,12 @@ where
             tree_lock,
             objects: LockTable::with(|_| lock()),
             orphans: AtomicPtr::new(ptr::null_mut()),
+            _consumer: PhantomData,
         }
     }
 }
 
-impl<C, R, L, const N: usize> Registry<C, R, L, N>
+impl<C, R, L, const N: usize, P: ConsumerHandle<Target = C>> Registry<C, R, L, N, P>
 where
     C: ?Sized + Send + Sync + 'static,
     R: Rcu,
@@ -191,7 +200,7 @@ where
 
     /// Enters a read section: the hit path's entry point.
     #[inline]
-    pub fn read<'r>(&'r self, reader: &'r R::Reader<'_>) -> ReadGuard<'r, C, R, L, N> {
+    pub fn read<'r>(&'r self, reader: &'r R::Reader<'_>) -> ReadGuard<'r, C, R, L, N, P> {
         ReadGuard {
             reg: self,
             _guard: self.rcu.read_lock(reader),
@@ -220,7 +229,7 @@ where
     /// * [`Error::NoMemory`] — an allocation failed.
     ///
     /// On error nothing changed.
-    pub fn register(&self, key: ProbeKey, consumer: Arc<C>) -> Result<()> {
+    pub fn register(&self, key: ProbeKey, consumer: P) -> Result<()> {
         self.register_with(key, consumer, SavedInsn::default())
             .map(|_| ())
     }
@@ -231,7 +240,7 @@ where
     /// # Errors
     ///
     /// As for [`Registry::register`].
-    pub fn register_with(&self, key: ProbeKey, consumer: Arc<C>, insn: SavedInsn) -> Result<bool> {
+    pub fn register_with(&self, key: ProbeKey, consumer: P, insn: SavedInsn) -> Result<bool> {
         let _object = RawGuard::lock(self.objects.lock_for(key.object));
         match self.get_live(&key) {
             Some(p) => {
@@ -268,7 +277,7 @@ where
     /// Those are the only errors: unregistration never allocates (what it needs was reserved
     /// when the consumer was registered), so it cannot run out of memory. On error nothing
     /// changed.
-    pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
+    pub fn unregister(&self, key: &ProbeKey, consumer: &P) -> Result<()> {
         self.unregister_last(key, consumer).map(|_| ())
     }
 
@@ -278,7 +287,7 @@ where
     /// # Errors
     ///
     /// As for [`Registry::unregister`].
-    pub fn unregister_last(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<Option<SavedInsn>> {
+    pub fn unregister_last(&self, key: &ProbeKey, consumer: &P) -> Result<Option<SavedInsn>> {
         let _object = RawGuard::lock(self.objects.lock_for(key.object));
         let p = self.get_live(key).ok_or(Error::UnknownProbe)?;
         // SAFETY: `get_live` took a reference.
@@ -301,8 +310,8 @@ where
     pub fn unregister_holding(
         &self,
         key: &ProbeKey,
-        consumer: &Arc<C>,
-    ) -> Result<Option<ProbeRef<'_, C, R, L, N>>> {
+        consumer: &P,
+    ) -> Result<Option<ProbeRef<'_, C, R, L, N, P>>> {
         let _object = RawGuard::lock(self.objects.lock_for(key.object));
         let p = self.get_live(key).ok_or(Error::UnknownProbe)?;
         // SAFETY: `get_live` took a reference.
@@ -325,7 +334,7 @@ where
     /// current list, under the object's lock, so no writer of that object runs meanwhile);
     /// `None` if there is no live probe there. `f` must not register or unregister on the same
     /// object (the lock is not reentrant).
-    pub fn with_consumers<T>(&self, key: &ProbeKey, f: impl FnOnce(&[Arc<C>]) -> T) -> Option<T> {
+    pub fn with_consumers<T>(&self, key: &ProbeKey, f: impl FnOnce(&[P]) -> T) -> Option<T> {
         let _object = RawGuard::lock(self.objects.lock_for(key.object));
         let p = self.get_live(key)?;
         // SAFETY: `get_live` took a reference.
@@ -356,7 +365,7 @@ where
         &'g self,
         _guard: &'g R::Guard<'_>,
         key: &ProbeKey,
-    ) -> Option<ProbeView<'g, C, R, L, N>> {
+    ) -> Option<ProbeView<'g, C, R, L, N, P>> {
         // SAFETY: the caller's contract: a read guard of the tree's writers' domain.
         let p = unsafe { self.tree.get(key) }?;
         // SAFETY: reached under that guard: allocated until it ends.
@@ -400,7 +409,7 @@ where
     }
 
     /// The probe at `key` with a reference taken, unless absent or dying.
-    fn get_live(&self, key: &ProbeKey) -> Option<*const Probe<C>> {
+    fn get_live(&self, key: &ProbeKey) -> Option<*const Probe<P>> {
         let _tree = RawGuard::lock(&*self.tree_lock);
         // SAFETY: the tree lock is held, so no node or probe reachable from the tree is freed.
         let p = unsafe { self.tree.get_locked(key) }?;
@@ -414,7 +423,7 @@ where
     /// Everything a later unregistration needs is reserved here, before anything is published
     /// (INVARIANT at the top of the module): one more spare list, and room in every spare for
     /// the longer list's removals.
-    fn add_consumer(&self, probe: &Probe<C>, consumer: Arc<C>) -> Result<bool> {
+    fn add_consumer(&self, probe: &Probe<P>, consumer: P) -> Result<bool> {
         // SAFETY: the caller holds the object's lock.
         let old = unsafe { probe.writer_list() };
         let items = if old.is_null() {
@@ -423,7 +432,7 @@ where
             // SAFETY: the current list under the object's lock: only we could replace it.
             unsafe { ConsumerList::items(old) }
         };
-        if items.iter().any(|c| Arc::ptr_eq(c, &consumer)) {
+        if items.iter().any(|c| P::same_consumer(c, &consumer)) {
             return Err(Error::DuplicateConsumer);
         }
         let n = items.len();
@@ -445,7 +454,7 @@ where
             };
             grow?;
             if n >= 1 {
-                ConsumerList::<C>::alloc(n).map(Some)
+                ConsumerList::<P>::alloc(n).map(Some)
             } else {
                 Ok(None)
             }
@@ -472,7 +481,7 @@ where
     /// reference if it was the last (and then returns `true`). Caller holds the object's lock
     /// and a reference. Never allocates: the shorter list is built in a spare the registration
     /// reserved, and the old list's retirement was allocated with it.
-    fn remove_consumer(&self, probe: &Probe<C>, consumer: &Arc<C>) -> Result<bool> {
+    fn remove_consumer(&self, probe: &Probe<P>, consumer: &P) -> Result<bool> {
         // SAFETY: the caller holds the object's lock.
         let old = unsafe { probe.writer_list() };
         let items = if old.is_null() {
@@ -483,7 +492,7 @@ where
         };
         let at = items
             .iter()
-            .position(|c| Arc::ptr_eq(c, consumer))
+            .position(|c| P::same_consumer(c, consumer))
             .ok_or(Error::UnknownConsumer)?;
         let rest = items
             .iter()
@@ -529,9 +538,9 @@ where
     /// The caller holds the object's lock; `old` is the probe's current list; `new` is unpublished.
     unsafe fn publish_consumers(
         &self,
-        probe: &Probe<C>,
-        old: *mut ConsumerList<C>,
-        new: *mut ConsumerList<C>,
+        probe: &Probe<P>,
+        old: *mut ConsumerList<P>,
+        new: *mut ConsumerList<P>,
     ) {
         #[cfg(loom)]
         let order = if crate::seeded::is(crate::seeded::Bug::ConsumerPublishRelaxed) {
@@ -572,7 +581,7 @@ where
 
     /// Creates a probe with one consumer and puts it in the tree (over a dying one, if any).
     /// Caller holds the object's lock.
-    fn insert_new(&self, key: ProbeKey, consumer: Arc<C>, insn: SavedInsn) -> Result<()> {
+    fn insert_new(&self, key: ProbeKey, consumer: P, insn: SavedInsn) -> Result<()> {
         let list = ConsumerList::new(1, core::iter::once(consumer))?;
         // INVARIANT: one consumer, so the registration holds the one reference, and no spare.
         let probe = match try_box(Probe::new(key, 1, list, insn)) {
@@ -629,7 +638,7 @@ where
     /// # Safety
     ///
     /// The caller owns one reference to `p`.
-    unsafe fn put(&self, p: *const Probe<C>) {
+    unsafe fn put(&self, p: *const Probe<P>) {
         // SAFETY: the caller's reference keeps `p` allocated.
         if unsafe { &*p }.put() {
             // SAFETY: we made the count zero: the final put is ours alone.
@@ -643,7 +652,7 @@ where
     /// # Safety
     ///
     /// The caller made the reference count zero.
-    unsafe fn final_put(&self, p: *const Probe<C>) {
+    unsafe fn final_put(&self, p: *const Probe<P>) {
         // SAFETY: a zero count means no consumer and no holder; the memory is still ours to
         // free, so it is allocated.
         let probe = unsafe { &*p };
@@ -678,13 +687,13 @@ where
     /// # Safety
     ///
     /// The tree lock is held; `p` is in the tree, dying, and not on the list.
-    unsafe fn push_orphan(&self, p: *const Probe<C>) {
+    unsafe fn push_orphan(&self, p: *const Probe<P>) {
         // Relaxed (all of the list's accesses): only under the tree lock, which orders them.
         // SAFETY: the caller's contract: `p` is allocated (in the tree).
         unsafe { &*p }
             .orphan_next
             .store(self.orphans.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.orphans.store(p as *mut Probe<C>, Ordering::Relaxed);
+        self.orphans.store(p as *mut Probe<P>, Ordering::Relaxed);
     }
 
     /// Takes `p` off the orphan list, if it is on it.
@@ -693,10 +702,10 @@ where
     ///
     /// The tree lock is held; every probe on the list is allocated (INVARIANT: an orphan is
     /// freed only after it leaves the list).
-    unsafe fn unlink_orphan(&self, p: *const Probe<C>) {
+    unsafe fn unlink_orphan(&self, p: *const Probe<P>) {
         // Relaxed: as in `push_orphan`.
-        let mut prev: *const Probe<C> = ptr::null();
-        let mut cur = self.orphans.load(Ordering::Relaxed) as *const Probe<C>;
+        let mut prev: *const Probe<P> = ptr::null();
+        let mut cur = self.orphans.load(Ordering::Relaxed) as *const Probe<P>;
         while !cur.is_null() {
             // SAFETY: on the list, so allocated.
             let next = unsafe { &*cur }.orphan_next.load(Ordering::Relaxed);
@@ -722,11 +731,11 @@ where
     /// The tree lock is held.
     unsafe fn retry_orphans(&self) {
         // Relaxed: as in `push_orphan`.
-        let mut cur = self.orphans.load(Ordering::Relaxed) as *const Probe<C>;
+        let mut cur = self.orphans.load(Ordering::Relaxed) as *const Probe<P>;
         while !cur.is_null() {
             // SAFETY: on the list, so allocated (INVARIANT in `unlink_orphan`).
             let o = unsafe { &*cur };
-            let next = o.orphan_next.load(Ordering::Relaxed) as *const Probe<C>;
+            let next = o.orphan_next.load(Ordering::Relaxed) as *const Probe<P>;
             let key = o.key();
             // An orphan on the list is still the tree's entry: a registration that replaces it
             // unlinks it first (`free_if_orphaned`).
@@ -750,7 +759,7 @@ where
     ///
     /// The tree lock is held, and `dying` was in the tree until this moment (so it is
     /// allocated).
-    unsafe fn free_if_orphaned(&self, dying: *const Probe<C>) {
+    unsafe fn free_if_orphaned(&self, dying: *const Probe<P>) {
         // SAFETY: the caller's contract.
         let d = unsafe { &*dying };
         // Relaxed: `orphaned` is set under the tree lock, which the caller holds.
@@ -770,7 +779,7 @@ where
 /// # Safety
 ///
 /// `p` was boxed by the registry and no reader can reach it.
-unsafe fn free_probe<C: ?Sized>(p: *mut Probe<C>) {
+unsafe fn free_probe<P>(p: *mut Probe<P>) {
     // SAFETY: the caller's contract.
     let b = unsafe { Box::from_raw(p) };
     b.free_check.mark_freed();
@@ -793,7 +802,7 @@ unsafe fn free_probe<C: ?Sized>(p: *mut Probe<C>) {
     quarantine(b);
 }
 
-impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Drop for Registry<C, R, L, N> {
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize, P> Drop for Registry<C, R, L, N, P> {
     fn drop(&mut self) {
         // `&mut self`: no reader, no `ProbeRef` (they borrow the registry). Free every probe
         // still in the tree; the tree frees its own nodes, the domain runs what is queued.
@@ -801,7 +810,7 @@ impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Drop for Registry<C, R, L, N
         // stores pointers only), and each probe is in the tree once.
         unsafe {
             self.tree.for_each(|_, p| {
-                free_probe(p as *mut Probe<C>);
+                free_probe(p as *mut Probe<P>);
                 true
             })
         };
@@ -809,12 +818,12 @@ impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Drop for Registry<C, R, L, N
 }
 
 /// An open read section of a [`Registry`]: what a hit holds while it looks up and runs consumers.
-pub struct ReadGuard<'r, C: ?Sized, R: Rcu + 'r, L: RawLock, const N: usize> {
-    reg: &'r Registry<C, R, L, N>,
+pub struct ReadGuard<'r, C: ?Sized, R: Rcu + 'r, L: RawLock, const N: usize, P = Arc<C>> {
+    reg: &'r Registry<C, R, L, N, P>,
     _guard: R::Guard<'r>,
 }
 
-impl<'r, C, R, L, const N: usize> ReadGuard<'r, C, R, L, N>
+impl<'r, C, R, L, const N: usize, P: ConsumerHandle<Target = C>> ReadGuard<'r, C, R, L, N, P>
 where
     C: ?Sized + Send + Sync + 'static,
     R: Rcu + 'r,
@@ -824,7 +833,7 @@ where
     ///
     /// A dying probe (see [`Probe::is_dying`]) is returned too; it has no consumers.
     #[inline]
-    pub fn lookup(&self, key: &ProbeKey) -> Option<ProbeView<'_, C, R, L, N>> {
+    pub fn lookup(&self, key: &ProbeKey) -> Option<ProbeView<'_, C, R, L, N, P>> {
         // SAFETY: `self` holds a read guard of the domain the tree's writers retire through.
         let p = unsafe { self.reg.tree.get(key) }?;
         // SAFETY: reached under the guard: allocated until the guard ends (a grace period after
@@ -840,7 +849,7 @@ where
     ///
     /// `None` if the probe is dying, or if `probe` was seen through another registry.
     #[inline]
-    pub fn hold(&self, probe: ProbeView<'_, C, R, L, N>) -> Option<ProbeRef<'r, C, R, L, N>> {
+    pub fn hold(&self, probe: ProbeView<'_, C, R, L, N, P>) -> Option<ProbeRef<'r, C, R, L, N, P>> {
         if !core::ptr::eq(probe.reg, self.reg) {
             return None;
         }
@@ -853,7 +862,7 @@ where
     /// A view of a held probe inside this read section (`None` if it belongs to another
     /// registry).
     #[inline]
-    pub fn view(&self, held: &ProbeRef<'_, C, R, L, N>) -> Option<ProbeView<'_, C, R, L, N>> {
+    pub fn view(&self, held: &ProbeRef<'_, C, R, L, N, P>) -> Option<ProbeView<'_, C, R, L, N, P>> {
         if !core::ptr::eq(held.reg, self.reg) {
             return None;
         }
@@ -873,7 +882,7 @@ where
         &self,
         object: ObjectId,
         offsets: Range<u64>,
-        mut f: impl FnMut(ProbeView<'_, C, R, L, N>) -> bool,
+        mut f: impl FnMut(ProbeView<'_, C, R, L, N, P>) -> bool,
     ) {
         let lo = ProbeKey::new(object, offsets.start);
         let hi = ProbeKey::new(object, offsets.end);
@@ -890,19 +899,24 @@ where
 }
 
 /// A probe seen inside a read section; valid for the guard's lifetime.
-pub struct ProbeView<'g, C: ?Sized, R: Rcu, L: RawLock, const N: usize> {
-    reg: &'g Registry<C, R, L, N>,
-    probe: &'g Probe<C>,
+pub struct ProbeView<'g, C: ?Sized, R: Rcu, L: RawLock, const N: usize, P = Arc<C>> {
+    reg: &'g Registry<C, R, L, N, P>,
+    probe: &'g Probe<P>,
 }
 
-impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Clone for ProbeView<'_, C, R, L, N> {
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize, P: ConsumerHandle<Target = C>> Clone
+    for ProbeView<'_, C, R, L, N, P>
+{
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize> Copy for ProbeView<'_, C, R, L, N> {}
+impl<C: ?Sized, R: Rcu, L: RawLock, const N: usize, P: ConsumerHandle<Target = C>> Copy
+    for ProbeView<'_, C, R, L, N, P>
+{
+}
 
-impl<'g, C, R, L, const N: usize> ProbeView<'g, C, R, L, N>
+impl<'g, C, R, L, const N: usize, P: ConsumerHandle<Target = C>> ProbeView<'g, C, R, L, N, P>
 where
     C: ?Sized + Send + Sync + 'static,
     R: Rcu,
@@ -910,7 +924,7 @@ where
 {
     /// The probe.
     #[inline]
-    pub fn probe(&self) -> &'g Probe<C> {
+    pub fn probe(&self) -> &'g Probe<P> {
         self.probe
     }
 
@@ -922,7 +936,7 @@ where
 
     /// The consumers to call, as of now. No reference count is touched.
     #[inline]
-    pub fn consumers(&self) -> &'g [Arc<C>] {
+    pub fn consumers(&self) -> &'g [P] {
         let l = self.probe.consumer_list();
         if l.is_null() {
             return &[];
@@ -938,28 +952,50 @@ where
 /// Dropping the last reference of a probe that has no consumers removes it from the tree
 /// (taking the tree lock briefly) and frees it after a grace period — so do not drop one inside
 /// a context that must not take the registry's raw lock.
-pub struct ProbeRef<'a, C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> {
-    reg: &'a Registry<C, R, L, N>,
-    probe: NonNull<Probe<C>>,
+pub struct ProbeRef<
+    'a,
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+    const N: usize,
+    P: ConsumerHandle<Target = C> = Arc<C>,
+> {
+    reg: &'a Registry<C, R, L, N, P>,
+    probe: NonNull<Probe<P>>,
 }
 
 // SAFETY: a counted reference to a `Sync` probe in a `Sync` registry; dropping it from another
 // thread runs the same final put as anywhere.
-unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Send
-    for ProbeRef<'_, C, R, L, N>
+unsafe impl<
+    C: ?Sized + Send + Sync,
+    R: Rcu,
+    L: RawLock,
+    const N: usize,
+    P: ConsumerHandle<Target = C>,
+> Send for ProbeRef<'_, C, R, L, N, P>
 {
 }
 // SAFETY: shared access only reads.
-unsafe impl<C: ?Sized + Send + Sync, R: Rcu, L: RawLock, const N: usize> Sync
-    for ProbeRef<'_, C, R, L, N>
+unsafe impl<
+    C: ?Sized + Send + Sync,
+    R: Rcu,
+    L: RawLock,
+    const N: usize,
+    P: ConsumerHandle<Target = C>,
+> Sync for ProbeRef<'_, C, R, L, N, P>
 {
 }
 
-impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> core::ops::Deref
-    for ProbeRef<'_, C, R, L, N>
+impl<
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+    const N: usize,
+    P: ConsumerHandle<Target = C>,
+> core::ops::Deref for ProbeRef<'_, C, R, L, N, P>
 {
-    type Target = Probe<C>;
-    fn deref(&self) -> &Probe<C> {
+    type Target = Probe<P>;
+    fn deref(&self) -> &Probe<P> {
         // SAFETY: the reference count keeps the probe allocated.
         let p = unsafe { self.probe.as_ref() };
         p.free_check.check();
@@ -967,8 +1003,13 @@ impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> core
     }
 }
 
-impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> Drop
-    for ProbeRef<'_, C, R, L, N>
+impl<
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+    const N: usize,
+    P: ConsumerHandle<Target = C>,
+> Drop for ProbeRef<'_, C, R, L, N, P>
 {
     fn drop(&mut self) {
         // SAFETY: we own one reference.
@@ -976,8 +1017,13 @@ impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> Drop
     }
 }
 
-impl<C: ?Sized + Send + Sync + 'static, R: Rcu, L: RawLock, const N: usize> fmt::Debug
-    for ProbeRef<'_, C, R, L, N>
+impl<
+    C: ?Sized + Send + Sync + 'static,
+    R: Rcu,
+    L: RawLock,
+    const N: usize,
+    P: ConsumerHandle<Target = C>,
+> fmt::Debug for ProbeRef<'_, C, R, L, N, P>
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&**self, f)

@@ -57,7 +57,7 @@ fn measure<R: Rcu + 'static>(rcu: Arc<R>) -> (u64, u64) {
                 let garbage = Box::new([0u8; 64]);
                 rcu.defer(Deferred::new(move || drop(garbage)).unwrap());
                 n += 1;
-                if n % 1024 == 0 {
+                if n.is_multiple_of(1024) {
                     rcu.synchronize();
                 }
             }

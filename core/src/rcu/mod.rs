@@ -474,7 +474,8 @@ mod tests {
             b.push(logging(&log, i));
         }
         a.append(&mut b);
-        assert!(b.is_empty() && b.len() == 0);
+        assert!(b.is_empty());
+        assert_eq!(b.len(), 0);
         assert_eq!(a.len(), 5);
         a.pop().unwrap().run();
         a.append(&mut DeferredList::new());
