@@ -393,11 +393,12 @@ fn parse_maps_line(l: &str) -> Option<probe_core::mm::VmaInfo> {
 struct ProcMem(File);
 
 impl CodeWriter for ProcMem {
-    fn write(&self, addr: u64, bytes: &[u8]) {
-        // A failed write would leave the protocol half done; /proc/self/mem writes to mapped
-        // text of our own process do not fail short of memory exhaustion.
-        let r = self.0.write_all_at(bytes, addr);
-        debug_assert!(r.is_ok(), "write to /proc/self/mem: {r:?}");
+    fn write(&self, addr: u64, bytes: &[u8]) -> probe_core::Result<()> {
+        // A failed write reports the errno; the live patch rolls the batch back. (A short
+        // write to our own mapped text does not happen short of memory exhaustion.)
+        self.0
+            .write_all_at(bytes, addr)
+            .map_err(|e| probe_core::Error::Embedder(e.raw_os_error().unwrap_or(-1)))
     }
     fn sync_cores(&self) {
         let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
@@ -589,9 +590,11 @@ impl CodeSpace for ProcessCode {
         self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn patch(&self, batch: &[Patch]) {
-        // A jump going out cuts its trampoline off: from now until it is freed, a thread found
-        // inside it keeps the quiescence wait waiting.
+    fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
+        // All or nothing: a failed batch was rolled back, and its trampolines stay in use.
+        patch_batch(&self.mem, batch)?;
+        // A jump gone out cuts its trampoline off: from now until it is freed, a thread found
+        // inside it keeps the quiescence wait waiting (the wait comes after this returns).
         for p in batch {
             if let ([crate::JMP_REL32, a, b, c, d, ..], [n, ..]) = (p.old(), p.new_bytes())
                 && *n != crate::JMP_REL32
@@ -600,7 +603,7 @@ impl CodeSpace for ProcessCode {
                 self.retire(p.addr.wrapping_add(5).wrapping_add(rel as i64 as u64));
             }
         }
-        patch_batch(&self.mem, batch);
+        Ok(())
     }
 
     fn quiesce(&self) {

@@ -55,9 +55,10 @@ impl Counting {
 }
 
 impl CodeWriter for Counting {
-    fn write(&self, addr: u64, bytes: &[u8]) {
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
         let i = (addr - TEXT) as usize;
         self.code.lock().unwrap()[i..i + bytes.len()].copy_from_slice(bytes);
+        Ok(())
     }
     fn sync_cores(&self) {
         self.syncs.fetch_add(1, Relaxed);
@@ -96,9 +97,9 @@ impl CodeSpace for Counting {
         })
     }
     fn free_detour(&self, _: &Detour) {}
-    fn patch(&self, batch: &[Patch]) {
+    fn patch(&self, batch: &[Patch]) -> Result<()> {
         self.batches.fetch_add(1, Relaxed);
-        patch_batch(self, batch);
+        patch_batch(self, batch).map(|_| ())
     }
     fn quiesce(&self) {
         self.quiesces.fetch_add(1, Relaxed);

@@ -71,12 +71,13 @@ struct Alias {
 unsafe impl Sync for Alias {}
 
 impl CodeWriter for Alias {
-    fn write(&self, addr: u64, bytes: &[u8]) {
+    fn write(&self, addr: u64, bytes: &[u8]) -> probe_core::Result<()> {
         // `addr` is an offset into the memfd (exec and alias views share it).
         // SAFETY: in bounds of the 2-page alias mapping.
         unsafe {
             core::ptr::copy_nonoverlapping(bytes.as_ptr(), self.rw.add(addr as usize), bytes.len())
         }
+        Ok(())
     }
     fn sync_cores(&self) {
         membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE).expect("membarrier");
@@ -125,11 +126,13 @@ fn jump_patched_into_a_running_loop() {
     // The code, written through the alias.
     let mut f = ORIGINAL.to_vec();
     f.push(0xC3);
-    alias.write(F as u64, &f);
-    alias.write(G as u64, &[0xB8, 2, 0, 0, 0, 0xC3]);
+    alias.write(F as u64, &f).expect("write");
+    alias
+        .write(G as u64, &[0xB8, 2, 0, 0, 0, 0xC3])
+        .expect("write");
     let insn = Insn::decode(&ORIGINAL, exec + F as u64).unwrap();
     let copy = xol::prepare(&insn, exec + SLOT as u64).unwrap();
-    alias.write(SLOT as u64, copy.bytes());
+    alias.write(SLOT as u64, copy.bytes()).expect("write");
     // The jump, computed at the exec address but written at the alias offset.
     let jump = jmp_rel32(exec + F as u64, exec + G as u64).unwrap();
 
@@ -188,12 +191,12 @@ fn jump_patched_into_a_running_loop() {
         // Becoming the jump: a trapped thread goes where the jump goes.
         TRAP_RESUME.store(exec + G as u64, Ordering::Release);
         let p = Patch::new(F as u64, &ORIGINAL, &jump).unwrap();
-        syncs += patch_batch(&alias, &[p]);
+        syncs += patch_batch(&alias, &[p]).expect("patch");
         settle_and_check(2);
         // Becoming the original: a trapped thread runs the original out of line.
         TRAP_RESUME.store(copy.slot(), Ordering::Release);
         let p = Patch::new(F as u64, &jump, &ORIGINAL).unwrap();
-        syncs += patch_batch(&alias, &[p]);
+        syncs += patch_batch(&alias, &[p]).expect("patch");
         settle_and_check(1);
     }
     stop.store(true, Ordering::Relaxed);

@@ -245,7 +245,16 @@ pub trait CodeSpace: Send + Sync {
     /// executing there, and returns once every CPU will fetch the new bytes. On x86 that is the
     /// int3-first protocol (`probe_arch_x86_64::live_patch`): three cross-CPU synchronizations
     /// per batch, whatever its size. A CPU must never execute a half-written instruction.
-    fn patch(&self, batch: &[Patch]);
+    ///
+    /// # Errors
+    ///
+    /// The embedder's failure ([`crate::Error::Embedder`], say: a page it could not make
+    /// writable). **All or nothing:** when it returns an error, every site of the batch holds
+    /// its `old` bytes again (the arch crate's fallible live patch rolls a partial batch back).
+    /// The optimizer then changes no state: a run keeps its lists and retries on the next run;
+    /// a registration or an enable fails and changes nothing; a disable keeps the (harmless)
+    /// breakpoint of its now-disabled probe and has the next run remove it.
+    fn patch(&self, batch: &[Patch]) -> Result<()>;
 
     /// Waits until no CPU can still be executing inside code that was just replaced or inside a
     /// trampoline that was just cut off — including a CPU stopped between two of the displaced

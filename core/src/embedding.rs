@@ -43,11 +43,11 @@
 //! | [`RawLock`] `lock` / `try_lock` / `unlock` | writers and optimizer runs — never a hit | — | `M`: yes, `L`: as you choose (table above) | no |
 //! | [`CodeSpace::read_original`], [`CodeSpace::check_boundary`], [`CodeSpace::prepare_detour`] | registration, under `M` | yes | yes | yes: the registration fails (or, for `prepare_detour`, the probe stays a breakpoint) |
 //! | [`CodeSpace::read`] | a hit where no probe is (is a trap still there?) | no | no | yes: the trap is answered "not ours" |
-//! | [`CodeSpace::patch`] | writers and optimizer runs, under `M` | no (the batch is preallocated) | yes (cross-CPU syncs) | not yet: see below |
+//! | [`CodeSpace::patch`] | writers and optimizer runs, under `M` | no (the batch is preallocated) | yes (cross-CPU syncs) | yes, all or nothing: the batch rolled back; a run retries, a registration or enable fails and changes nothing, a disable leaves the harmless breakpoint to the next run |
 //! | [`CodeSpace::quiesce`] | optimizer runs, under `M` | yes | yes | no |
 //! | [`CodeSpace::free_detour`] | optimizer runs under `M`, after a quiescence wait; failed registrations | yes | yes | no |
 //! | [`CodeSpace::kick`] | writers under `M` | no | no (schedule the run; never run the optimizer from inside it: `M` is held) | no |
-//! | `live_patch::CodeWriter` `write` / `sync_cores` (the arch crates) | inside [`CodeSpace::patch`], so under `M` | no | `sync_cores`: yes | not yet |
+//! | `live_patch::CodeWriter` `write` / `sync_cores` (the x86_64 crate) | inside [`CodeSpace::patch`], so under `M` | no | `sync_cores`: yes | `write`: yes, having stored nothing; `patch_batch` then rolls the batch back through the same protocol in reverse |
 //! | [`TextPatcher`](crate::arch::TextPatcher) `read_object`, `read`, `write` | writers installing and removing breakpoints, under `L` and the address space's write lock; `read` also on the locked-resolve hit path | `read`: no; others: yes | `read`: no; others: yes | yes: the operation fails and changes nothing |
 //! | [`TextPatcher`](crate::arch::TextPatcher) `read_xol`, `write_xol`, `flush_icache` | hits (preparing an out-of-line copy) | no | no | yes: the hit falls back to another slot or restarts |
 //! | [`AddressSpaceOps`](crate::mm::AddressSpaceOps) `speculate_*`, `stamp`, `unchanged_since` | hits | no | no | answers, not errors |
@@ -57,10 +57,7 @@
 //! An embedder's own failure is reported as [`Error::Embedder`](crate::Error::Embedder) with the
 //! embedder's code (an errno), which probe-core passes on unchanged.
 //!
-//! **Not yet fallible:** [`CodeSpace::patch`] and `CodeWriter::write` return nothing — a code
-//! write that can fail (a guest page that cannot be pinned) must be retried by the embedder
-//! until it succeeds. Making them fallible with the optimizer rolling the batch back is open work.
-//!
+
 //! # Kprobes in your kernel
 //!
 //! A kernel brings five things: its RCU ([`Rcu`]), its locks ([`RawLock`]), its text as a
@@ -126,12 +123,13 @@
 //!         Err(NotOptimizable::Unsupported)
 //!     }
 //!     fn free_detour(&self, _: &Detour) {}
-//!     fn patch(&self, batch: &[Patch]) {
+//!     fn patch(&self, batch: &[Patch]) -> Result<()> {
 //!         for p in batch {
 //!             for (i, b) in p.new_bytes().iter().enumerate() {
 //!                 self.bytes[p.addr as usize + i].store(*b, Ordering::Release);
 //!             }
 //!         }
+//!         Ok(()) // all or nothing: on an error every site must hold its `old` bytes again
 //!     }
 //!     fn quiesce(&self) {} // synchronize_rcu_tasks()
 //! }

@@ -355,6 +355,7 @@ where
     /// * [`Error::ExistingTrap`], [`Error::InsideInstruction`], [`Error::OffsetOutOfRange`] —
     ///   the code space refuses the address (see [`Optimizer::register`]).
     /// * [`Error::NoMemory`] — an allocation failed.
+    /// * [`Error::Embedder`] — the code space's patch failed (all or nothing).
     ///
     /// On error nothing changed: neither the consumers nor the code.
     pub fn register(&self, kp: P) -> Result<Armed> {
@@ -366,11 +367,17 @@ where
         match self.census(addr, &kp) {
             Some((_, true)) => Err(Error::DuplicateConsumer),
             Some((on, false)) => {
-                self.registry.register_with(key, kp, SavedInsn::default())?;
                 if enabled && on == 0 {
-                    // The first enabled consumer of a disabled probe. Cannot fail: the probe
-                    // has users (INVARIANT).
+                    // The first enabled consumer of a disabled probe: its code goes back in
+                    // first (the step that can fail, on the embedder's patch).
                     self.optimizer.enable(addr)?;
+                }
+                if let Err(e) = self.registry.register_with(key, kp, SavedInsn::default()) {
+                    if enabled && on == 0 {
+                        // Cannot fail: the probe has users (INVARIANT), and disabling never does.
+                        let _ = self.optimizer.disable(addr);
+                    }
+                    return Err(e);
                 }
                 Ok(Armed::Shared)
             }
@@ -441,7 +448,8 @@ where
     ///
     /// # Errors
     ///
-    /// As for [`Kprobes::disable`].
+    /// As for [`Kprobes::disable`], and [`Error::Embedder`] if the code space's patch failed —
+    /// then the kprobe stays disabled and nothing changed.
     pub fn enable(&self, kp: &P) -> Result<()> {
         self.set_enabled(kp, true)
     }
@@ -458,12 +466,15 @@ where
         if kp.consumer().enabled.load(Ordering::Relaxed) == on {
             return Ok(());
         }
+        if on && enabled == 0 {
+            // The code first: the step that can fail (the embedder's patch), changing nothing.
+            self.optimizer.enable(kp.consumer().addr)?;
+        }
         // Release pairs with the Acquire load in `Consumers::run`: a hit that sees the kprobe
         // enabled sees everything the enabler did before.
         kp.consumer().enabled.store(on, Ordering::Release);
-        if on && enabled == 0 {
-            self.optimizer.enable(kp.consumer().addr)?;
-        } else if !on && enabled == 1 {
+        if !on && enabled == 1 {
+            // Never fails for a probe with users (INVARIANT).
             self.optimizer.disable(kp.consumer().addr)?;
         }
         Ok(())
@@ -1079,6 +1090,27 @@ mod tests {
         k.wait_for_optimizer();
         k.sync();
         assert_eq!((a.count(), b.count()), (1, 1), "a list kept a clone");
+    }
+
+    #[test]
+    fn a_failed_patch_fails_the_registration_and_changes_nothing() {
+        let k = world();
+        let before = k.space().current(0, 64);
+        k.space().fail_patches(1);
+        assert_eq!(k.register(kp(16, "a")), Err(Error::Embedder(-5)));
+        assert_eq!(k.space().current(0, 64), before);
+        assert!(k.registry.is_empty());
+        assert!(trap(&k, 16).is_empty());
+        // Disabled, then an enable whose patch fails: still disabled, nothing runs.
+        let a = Arc::new(Kprobe::new_disabled(16, "a"));
+        k.register(a.clone()).unwrap();
+        k.wait_for_optimizer();
+        k.space().fail_patches(1);
+        assert_eq!(k.enable(&a), Err(Error::Embedder(-5)));
+        assert!(!a.is_enabled());
+        assert_eq!(k.space().current(0, 64), before);
+        k.enable(&a).unwrap();
+        assert_eq!(trap(&k, 16), ["a"]);
     }
 
     #[test]

@@ -264,6 +264,8 @@ pub struct Stats {
     /// Unused probes registered again before they were freed, and enabled where they stood
     /// (kprobes' `reuse_unused_kprobe`).
     pub revived: u64,
+    /// Calls to [`CodeSpace::patch`] that failed (and changed nothing).
+    pub failed_patches: u64,
 }
 
 /// The writer-side state of one probe site (a copy in and out under the lock).
@@ -780,33 +782,55 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         }
     }
 
-    /// Sends the staged batch through the arch's live patch.
-    fn flush(&mut self) {
+    /// Sends the staged batch through the arch's live patch. On an error the embedder has left
+    /// every site of the batch as it was ([`CodeSpace::patch`]'s contract), and so does the
+    /// caller with its bookkeeping.
+    fn flush(&mut self) -> Result<()> {
         let batch = self.with_inner(|i| core::mem::take(&mut i.scratch));
-        if !batch.is_empty() {
-            self.opt.space.patch(&batch);
-        }
+        let r = if batch.is_empty() {
+            Ok(())
+        } else {
+            self.opt.space.patch(&batch)
+        };
         let n = batch.len() as u64;
         self.with_inner(|i| {
             if n > 0 {
-                i.stats.batches += 1;
-                i.stats.patched += n;
+                if r.is_ok() {
+                    i.stats.batches += 1;
+                    i.stats.patched += n;
+                } else {
+                    i.stats.failed_patches += 1;
+                }
             }
             let mut batch = batch;
             batch.clear();
             i.scratch = batch;
         });
+        r
     }
 
-    /// Rewrites the code of one site now (a batch of one).
-    fn patch_now(&mut self, s: &Site, to: Code) {
+    /// Rewrites the code of one site now (a batch of one). On failure the code and the site's
+    /// bookkeeping are unchanged.
+    fn patch_now(&mut self, s: &Site, to: Code) -> Result<()> {
         self.stage(s, to);
-        self.flush();
+        self.flush()?;
         // SAFETY: locked.
         let mut w = unsafe { s.w() };
         w.code = to;
         // SAFETY: locked.
         unsafe { s.set_w(w) };
+        Ok(())
+    }
+
+    /// A site whose immediate patch failed: its code is still what `code` says, but not what
+    /// its state wants. The unoptimizing list doubles as the repair list: while on it the site
+    /// counts as armed (no neighbour's jump may cover it), and the next run brings its code to
+    /// its resting state — a disabled one's original bytes in step 1's batch, an enabled one's
+    /// breakpoint through `arm` in step 0 (which forces a covering jump back first, and queues
+    /// it for optimization).
+    fn repair_later(&mut self, s: &Site) {
+        self.enqueue(s, Queue::Unoptimizing);
+        self.kick();
     }
 
     /// What an unoptimized site should hold: its breakpoint if armed, else the original.
@@ -909,6 +933,11 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         if w.single_step {
             return Armed::SingleStep;
         }
+        if w.code == Code::Original {
+            // Its breakpoint is not in (an arm that failed, waiting for step 0): a jump may
+            // only ever follow a breakpoint and a quiescence wait, never the original bytes.
+            return Armed::Blocked;
+        }
         if w.optimized {
             if w.queue == Queue::Unoptimizing {
                 // Its jump is still in the code: taking it off the list is all it takes.
@@ -931,12 +960,13 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
     }
 
     /// Takes `s` out of the optimized state (kprobes' `unoptimize_kprobe`): at once if `force`,
-    /// else through the unoptimizing list.
-    fn unoptimize(&mut self, s: &Site, force: bool) {
+    /// else through the unoptimizing list. Only a forced one patches, and so only a forced one
+    /// can fail — then nothing changed.
+    fn unoptimize(&mut self, s: &Site, force: bool) -> Result<()> {
         // SAFETY: locked.
         let mut w = unsafe { s.w() };
         if !w.optimized {
-            return;
+            return Ok(());
         }
         match w.queue {
             Queue::Optimizing => {
@@ -951,7 +981,7 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
             }
             Queue::Unoptimizing => {
                 if force {
-                    self.force_unoptimize(s);
+                    self.force_unoptimize(s)?;
                     if unused(w.users, w.enabled) {
                         // Still in the table: the next run's freeing-list pass unhashes it
                         // (Linux 2023: even when its unoptimizing list is empty then).
@@ -967,7 +997,7 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
             }
             Queue::None | Queue::Freeing => {
                 if force {
-                    self.force_unoptimize(s);
+                    self.force_unoptimize(s)?;
                 } else {
                     #[cfg(loom)]
                     if crate::seeded::is(crate::seeded::Bug::OptimizedFlagClearedEarly) {
@@ -983,19 +1013,20 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Rewrites `s`'s jump now and clears its optimized flag after (kprobes'
     /// `force_unoptimize_kprobe`).
-    fn force_unoptimize(&mut self, s: &Site) {
+    fn force_unoptimize(&mut self, s: &Site) -> Result<()> {
         // SAFETY: locked.
         let w = unsafe { s.w() };
         let to = self.rest_code(&w);
         if w.code == Code::Jump {
-            self.patch_now(s, to);
+            self.patch_now(s, to)?;
             self.with_inner(|i| i.stats.unoptimized += 1);
         } else if w.code != to {
-            self.patch_now(s, to);
+            self.patch_now(s, to)?;
         }
         // SAFETY: locked.
         let mut w = unsafe { s.w() };
@@ -1004,38 +1035,47 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         unsafe { s.set_w(w) };
         // After the bytes are back (the 2019 rule).
         s.publish(&w);
+        Ok(())
     }
 
     /// Puts `s`'s breakpoint in the code and queues it for optimization (kprobes'
     /// `__arm_kprobe`).
-    fn arm(&mut self, s: &Site) -> Armed {
+    ///
+    /// Fails (a patch failed) with `s`'s code unchanged; a covering jump forced back before the
+    /// failure stays a breakpoint, and [`Locked::retry_blocked`] re-queues it.
+    fn arm(&mut self, s: &Site) -> Result<Armed> {
         // A jump covering this address goes first.
         if let Some(q) = self.covering_optimized(s.addr) {
             // `q` is a different, live, hashed site; `unoptimize` frees nothing.
             let q: *const Site = q;
             // SAFETY: as above.
-            self.unoptimize(unsafe { &*q }, true);
+            self.unoptimize(unsafe { &*q }, true)?;
         }
         // SAFETY: locked.
         let w = unsafe { s.w() };
         if w.code == Code::Original {
-            self.patch_now(s, Code::Breakpoint);
+            self.patch_now(s, Code::Breakpoint)?;
         }
         // Probes this one now blocks cannot be optimized: any queued for it are dequeued by the
         // collision check above (optimized covers queued). Then try this one.
-        self.optimize(s)
+        Ok(self.optimize(s))
     }
 
     /// Takes `s` out of the code (kprobes' `__disarm_kprobe`): through the queue if its jump is
     /// there, else at once — and then retries the probes it was blocking.
+    ///
+    /// Never fails: a failed patch leaves the breakpoint (a disabled probe's breakpoint only
+    /// steps its instruction) and sends the site to the next run's repair.
     fn disarm(&mut self, s: &Site, reopt: bool) {
-        self.unoptimize(s, false);
+        // Not forced: cannot fail.
+        let _ = self.unoptimize(s, false);
         // SAFETY: locked.
         let w = unsafe { s.w() };
         if !queued(w.queue) {
             let to = self.rest_code(&w);
-            if w.code != to && w.code != Code::Jump {
-                self.patch_now(s, to);
+            if w.code != to && w.code != Code::Jump && self.patch_now(s, to).is_err() {
+                self.repair_later(s);
+                return;
             }
             if reopt {
                 self.retry_blocked(s.addr);
@@ -1148,7 +1188,25 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         if self.with_inner(|i| i.all_disarmed) {
             return Ok(Armed::Disarmed);
         }
-        let armed = self.arm(s);
+        let armed = match self.arm(s) {
+            Ok(a) => a,
+            Err(e) => {
+                // No byte of ours reached the code: take the site back out, as if never made.
+                // SAFETY: locked.
+                let mut w = unsafe { s.w() };
+                w.users = 0;
+                w.enabled = false;
+                w.optimized = false;
+                // SAFETY: locked.
+                unsafe { s.set_w(w) };
+                s.publish(&w);
+                self.dequeue(s);
+                self.retire(s);
+                // A covering jump that `arm` forced back before failing: optimize it again.
+                self.retry_blocked(addr);
+                return Err(e);
+            }
+        };
         // A breakpoint inside the ranges of prepared neighbours blocks them: any queued for
         // optimization come off the list (the collision check in `arm` handled the ones whose
         // jump was in the code or queued).
@@ -1192,7 +1250,15 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         if self.with_inner(|i| i.all_disarmed) {
             return Armed::Disarmed;
         }
-        self.arm(s)
+        match self.arm(s) {
+            Ok(a) => a,
+            Err(_) => {
+                // Its code stays as it was (the original, or its jump): the next run repairs it
+                // to its breakpoint and queues it again. The registration itself holds.
+                self.repair_later(s);
+                Armed::Optimizing
+            }
+        }
     }
 
     fn unregister(&mut self, addr: u64) -> Result<()> {
@@ -1274,8 +1340,18 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         unsafe { s.set_w(w) };
         s.publish(&w);
         if on {
-            if !self.with_inner(|i| i.all_disarmed) {
-                self.arm(s);
+            if !self.with_inner(|i| i.all_disarmed)
+                && let Err(e) = self.arm(s)
+            {
+                // Back to disabled, as before the call: its code never changed.
+                // SAFETY: locked.
+                let mut w = unsafe { s.w() };
+                w.enabled = false;
+                // SAFETY: locked.
+                unsafe { s.set_w(w) };
+                s.publish(&w);
+                self.retry_blocked(addr);
+                return Err(e);
             }
         } else {
             self.disarm(s, true);
@@ -1289,7 +1365,13 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         // SAFETY: locked.
         unsafe { s.set_w(w) };
         if on {
-            self.unoptimize(s, true);
+            if let Err(e) = self.unoptimize(s, true) {
+                // Still optimized, as before the call.
+                w.single_step = false;
+                // SAFETY: locked.
+                unsafe { s.set_w(w) };
+                return Err(e);
+            }
         } else {
             self.optimize(s);
         }
@@ -1329,8 +1411,9 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         }
         self.for_each_site(|l, s| {
             // SAFETY: locked.
-            if unsafe { s.w() }.enabled {
-                l.arm(s);
+            if unsafe { s.w() }.enabled && l.arm(s).is_err() {
+                // Its breakpoint did not go in: the next run's repair puts it there.
+                l.repair_later(s);
             }
         });
     }
@@ -1350,6 +1433,7 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
             // The seeded bug: step 3 before steps 1 and 2.
             self.do_optimize();
         }
+        self.do_rearm();
         self.do_unoptimize();
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::FreeBeforeQuiescence) {
@@ -1375,6 +1459,47 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         self.with_inner(|i| i.queues[ix].last().copied())
     }
 
+    /// Is `s`, on the unoptimizing list, an enabled probe whose arming failed (see
+    /// [`Locked::repair_later`])? It wants its breakpoint, which only `arm` may put in (a
+    /// covering jump has to go first), so step 1 leaves it to step 0.
+    fn wants_rearm(&mut self, s: &Site) -> bool {
+        // SAFETY: locked.
+        let w = unsafe { s.w() };
+        !w.optimized && w.enabled && !self.with_inner(|i| i.all_disarmed)
+    }
+
+    /// The index on the unoptimizing list of the next site `step` applies to.
+    fn find_on_unoptimizing(
+        &mut self,
+        mut want: impl FnMut(&mut Self, &Site) -> bool,
+    ) -> Option<*const Site> {
+        let n = self.with_inner(|i| i.queues[1].len());
+        for k in 0..n {
+            let p = self.with_inner(|i| i.queues[1][k]);
+            // SAFETY: a live site on the list.
+            if want(self, unsafe { &*p }) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Step 0: arm the enabled probes whose arming failed earlier, one by one through `arm`
+    /// (which forces a covering jump back first). One that fails again stays for the next run.
+    fn do_rearm(&mut self) {
+        while let Some(p) = self.find_on_unoptimizing(|l, s| l.wants_rearm(s)) {
+            // SAFETY: a live site on the list.
+            let s = unsafe { &*p };
+            self.dequeue(s);
+            if self.arm(s).is_err() {
+                self.repair_later(s);
+                return;
+            }
+            // A probe whose jump `arm` forced back may be optimized again later.
+            self.retry_blocked(s.addr);
+        }
+    }
+
     /// Step 1.
     fn do_unoptimize(&mut self) {
         let n = self.with_inner(|i| i.queues[1].len());
@@ -1384,30 +1509,44 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
             return;
         }
         if n > 0 {
-            // One batch for the whole list.
+            // One batch for the whole list (but the re-arms step 0 could not do).
             for k in 0..n {
                 let p = self.with_inner(|i| i.queues[1][k]);
                 // SAFETY: a live site on the list.
                 let s = unsafe { &*p };
+                if self.wants_rearm(s) {
+                    continue;
+                }
                 // SAFETY: locked.
                 let w = unsafe { s.w() };
                 let to = self.rest_code(&w);
                 self.stage(s, to);
             }
-            self.flush();
+            if self.flush().is_err() {
+                // Nothing changed: every site keeps its code, its flags and its place on the
+                // list, and the next run tries again. The freeing list waits too (its sites
+                // may be the neighbours of these).
+                self.kick();
+                return;
+            }
             // Only now, with the bytes back, do the flags go (the 2019 rule).
-            while let Some(p) = self.pop(1) {
+            while let Some(p) = self.find_on_unoptimizing(|l, s| !l.wants_rearm(s)) {
                 // SAFETY: a live site on the list.
                 let s = unsafe { &*p };
                 self.dequeue(s);
                 // SAFETY: locked.
                 let mut w = unsafe { s.w() };
+                let was_jump = w.code == Code::Jump;
+                let repaired = !w.optimized;
                 w.code = self.rest_code(&w);
                 w.optimized = false;
                 // SAFETY: locked.
                 unsafe { s.set_w(w) };
                 s.publish(&w);
-                self.with_inner(|i| i.stats.unoptimized += 1);
+                if was_jump {
+                    self.with_inner(|i| i.stats.unoptimized += 1);
+                }
+                let _ = repaired;
                 if unused(w.users, w.enabled) {
                     self.enqueue(s, Queue::Freeing);
                 }
@@ -1478,7 +1617,12 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
             // SAFETY: a live site on the list.
             self.stage(unsafe { &*p }, Code::Jump);
         }
-        self.flush();
+        if self.flush().is_err() {
+            // Nothing changed: the sites stay breakpoints on the optimizing list (their
+            // optimized flag set, as while queued), and the next run tries again.
+            self.kick();
+            return;
+        }
         while let Some(p) = self.pop(0) {
             // SAFETY: a live site on the list.
             let s = unsafe { &*p };
@@ -1632,6 +1776,85 @@ mod tests {
         assert_eq!(o.space().counts().live_trampolines, 0);
         let s = o.stats();
         assert_eq!((s.optimized, s.unoptimized, s.freed), (1, 1, 1));
+    }
+
+    /// The embedder's patch fails (all or nothing): a registration fails and changes nothing;
+    /// a run keeps its lists and the next one finishes; a disable keeps the disabled probe's
+    /// harmless breakpoint until the next run removes it; an enable fails and stays disabled.
+    #[test]
+    fn a_failed_patch_changes_nothing_and_is_retried() {
+        let o = opt(5);
+        let before = code(&o, 0, 64);
+        o.space().fail_patches(1);
+        assert_eq!(o.register(8), Err(Error::Embedder(-5)));
+        assert_eq!(
+            code(&o, 0, 64),
+            before,
+            "a failed register changed the code"
+        );
+        assert!(o.state(8).is_err(), "a failed register left a probe");
+        o.wait_for_optimizer();
+        assert!(o.is_empty());
+        audit(&o);
+
+        // A run whose optimizing batch fails: still a breakpoint, still queued; the next run
+        // makes the jump.
+        assert_eq!(o.register(8).unwrap(), Armed::Optimizing);
+        o.space().fail_patches(1);
+        o.run_optimizer();
+        let st = o.state(8).unwrap();
+        assert_eq!((st.code, st.queue), (Code::Breakpoint, Queue::Optimizing));
+        assert_eq!(o.stats().failed_patches, 2);
+        o.run_optimizer();
+        assert_eq!(o.state(8).unwrap().code, Code::Jump);
+        audit(&o);
+
+        // A disable through the queue whose run fails, then succeeds.
+        o.disable(8).unwrap();
+        o.space().fail_patches(1);
+        o.run_optimizer();
+        assert_eq!(
+            o.state(8).unwrap().code,
+            Code::Jump,
+            "a failed batch changed the code"
+        );
+        o.wait_for_optimizer();
+        assert_eq!(code(&o, 8, 5), before[8..13]);
+        audit(&o);
+
+        // An enable whose breakpoint cannot go in: an error, still disabled, code untouched.
+        o.space().fail_patches(1);
+        assert_eq!(o.enable(8), Err(Error::Embedder(-5)));
+        assert!(!o.state(8).unwrap().enabled);
+        assert_eq!(code(&o, 0, 64), before);
+        o.enable(8).unwrap();
+        assert_eq!(code(&o, 8, 1), [0xCC]);
+
+        // A disable whose immediate patch fails (a breakpoint, not yet a jump): it succeeds, the
+        // probe stops firing at once, and the next run takes the breakpoint out.
+        o.set_single_step(8, true).unwrap(); // pinned to a breakpoint
+        o.space().fail_patches(1);
+        o.disable(8).unwrap();
+        let st = o.state(8).unwrap();
+        assert!(!st.enabled && st.code == Code::Breakpoint && st.queue == Queue::Unoptimizing);
+        let r = o.rcu().register().unwrap();
+        {
+            let g = o.rcu().read_lock(&r);
+            assert_eq!(
+                o.on_breakpoint(&g, 8),
+                Trap::Probe {
+                    fire: false,
+                    then: Then::Step
+                },
+                "a disabled probe's leftover breakpoint must step, not fire"
+            );
+        }
+        o.wait_for_optimizer();
+        assert_eq!(code(&o, 0, 64), before);
+        o.unregister(8).unwrap();
+        o.wait_for_optimizer();
+        assert!(o.is_empty());
+        audit(&o);
     }
 
     #[test]
@@ -2035,6 +2258,8 @@ mod tests {
         Run,
         DisarmAll,
         ArmAll,
+        /// The embedder's next `n` patches fail (and change nothing).
+        FailPatches(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -2048,13 +2273,16 @@ mod tests {
             2 => Just(Op::Run),
             1 => Just(Op::DisarmAll),
             1 => Just(Op::ArmAll),
+            1 => (1u64..3).prop_map(Op::FailPatches),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(400))]
 
-        /// Any sequence of operations: no panic, no patch against the wrong bytes, and once the
+        /// Any sequence of operations, with the embedder's patches failing at random moments:
+        /// no panic, no patch against the wrong bytes, a registration or enable that fails on a
+        /// patch changes neither the code nor any state, and once the failures stop and the
         /// optimizer is idle, every probe's code is what its state says, no other byte differs
         /// from the original, every trap on our breakpoint finds a probe, and every enabled
         /// probe that nothing blocks is optimized (the 2026 liveness rule).
@@ -2067,7 +2295,8 @@ mod tests {
             o.space().add_branch_target(14);
             let mut disarmed = false;
             for op in ops {
-                let _ = match op {
+                let before = (o.space().current(0, 32), (0..32).map(|a| o.state(a).ok()).collect::<Vec<_>>());
+                let r = match op {
                     Op::Register(a) => o.register(a).map(|_| ()),
                     Op::Unregister(a) => o.unregister(a),
                     Op::Disable(a) => o.disable(a),
@@ -2076,9 +2305,28 @@ mod tests {
                     Op::Run => { o.run_optimizer(); Ok(()) }
                     Op::DisarmAll => { o.disarm_all(); disarmed = true; Ok(()) }
                     Op::ArmAll => { o.arm_all(); disarmed = false; Ok(()) }
+                    Op::FailPatches(n) => { o.space().fail_patches(n); Ok(()) }
                 };
+                if r == Err(Error::Embedder(-5)) {
+                    let after = (o.space().current(0, 32), (0..32).map(|a| o.state(a).ok()).collect::<Vec<_>>());
+                    prop_assert!(matches!(op, Op::Register(_) | Op::Enable(_) | Op::SingleStep(..)), "{:?} failed", op);
+                    prop_assert_eq!(&after.0, &before.0, "a failed {:?} changed the code", op);
+                    // A failed registration may leave its never-armed site on the freeing list
+                    // (in the table until the next run), and a failed arm may have forced a
+                    // covering jump back; every other probe's state is as it was.
+                    for a in 0..32usize {
+                        let same = after.1[a] == before.1[a];
+                        let excused = match op {
+                            Op::Register(x) => a as u64 == x || before.1[a].is_some_and(|s| s.optimized),
+                            Op::Enable(_) | Op::SingleStep(..) => before.1[a].is_some_and(|s| s.optimized),
+                            _ => false,
+                        };
+                        prop_assert!(same || excused, "a failed {:?} changed probe {}: {:?} -> {:?}", op, a, before.1[a], after.1[a]);
+                    }
+                }
                 prop_assert_eq!(o.space().counts().mismatches, 0);
             }
+            o.space().fail_patches(0);
             o.wait_for_optimizer();
             audit(&o);
             let r = o.rcu().register().unwrap();

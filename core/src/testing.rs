@@ -209,6 +209,10 @@ pub struct CodeCounts {
     pub mismatches: u64,
     /// Trampolines freed twice or never prepared (must stay 0).
     pub bad_frees: u64,
+    /// Patches refused by [`ByteCode::fail_patches`] (the code left as it was).
+    pub failed: u64,
+    /// Patches still to refuse.
+    pub fail_next: u64,
 }
 
 /// A [`CodeSpace`] over one byte buffer, for the optimizer's tests, examples and benches.
@@ -250,6 +254,12 @@ impl<L: RawLock + Default> ByteCode<L> {
             trampolines: Lock::default(),
             counts: Lock::default(),
         }
+    }
+
+    /// Makes the next `n` calls to [`CodeSpace::patch`] fail with `Error::Embedder(-5)` (EIO)
+    /// and leave the code as it was — the all-or-nothing contract of a failing embedder.
+    pub fn fail_patches(&self, n: u64) {
+        self.counts.lock().fail_next = n;
     }
 
     /// Sets the instruction lengths, in order from address 0 (the rest stay one byte).
@@ -392,9 +402,14 @@ impl<L: RawLock + Default + Send + Sync> CodeSpace for ByteCode<L> {
         }
     }
 
-    fn patch(&self, batch: &[Patch]) {
+    fn patch(&self, batch: &[Patch]) -> Result<()> {
         let mut code = self.code.lock();
         let mut c = self.counts.lock();
+        if c.fail_next > 0 {
+            c.fail_next -= 1;
+            c.failed += 1;
+            return Err(crate::Error::Embedder(-5));
+        }
         c.batches += 1;
         for p in batch {
             c.sites += 1;
@@ -407,6 +422,7 @@ impl<L: RawLock + Default + Send + Sync> CodeSpace for ByteCode<L> {
             }
             code[r].copy_from_slice(p.new_bytes());
         }
+        Ok(())
     }
 
     fn quiesce(&self) {

@@ -62,7 +62,7 @@ fn kprobes_hits_allocate_and_free_nothing() {
                     k.register(kp.clone()).unwrap();
                 }
                 k.disable(&kps[0]).unwrap();
-                if rounds % 2 == 0 {
+                if rounds.is_multiple_of(2) {
                     k.run_optimizer();
                 }
                 k.enable(&kps[0]).unwrap();
@@ -89,7 +89,7 @@ fn kprobes_hits_allocate_and_free_nothing() {
         COUNTING.with(|c| c.set(true));
         {
             let g = k.read(&reader);
-            let r = if i % 3 == 0 {
+            let r = if i.is_multiple_of(3) {
                 g.on_trampoline(addr).run(&cpu, |kp| {
                     std::hint::black_box(kp.handler());
                 })
@@ -108,7 +108,10 @@ fn kprobes_hits_allocate_and_free_nothing() {
         }
         COUNTING.with(|c| c.set(false));
     }
-    let (a, f) = (ALLOCS.load(Ordering::Relaxed), FREES.load(Ordering::Relaxed));
+    let (a, f) = (
+        ALLOCS.load(Ordering::Relaxed),
+        FREES.load(Ordering::Relaxed),
+    );
     stop.store(true, Ordering::Relaxed);
     let rounds = writer.join().unwrap();
     println!(

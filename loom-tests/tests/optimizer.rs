@@ -105,7 +105,7 @@ impl ModelCode {
 }
 
 impl CodeWriter for ModelCode {
-    fn write(&self, addr: u64, bytes: &[u8]) {
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
         let mut w = unword(self.shadow.load(std::sync::atomic::Ordering::Relaxed));
         w[addr as usize..addr as usize + bytes.len()].copy_from_slice(bytes);
         let w = word(w);
@@ -113,6 +113,7 @@ impl CodeWriter for ModelCode {
         // Release pairs with the Acquire load in `fetch`: the probe's table entry and flags
         // written before this store are seen by a CPU that fetches these bytes.
         self.text.store(w, Ordering::Release);
+        Ok(())
     }
     /// Fetches are atomic in the model (see the module docs): nothing to serialize.
     fn sync_cores(&self) {}
@@ -165,8 +166,8 @@ impl CodeSpace for ModelCode {
         self.owner[id].store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
         self.trampolines[id].check.mark_freed();
     }
-    fn patch(&self, batch: &[Patch]) {
-        patch_batch(self, batch);
+    fn patch(&self, batch: &[Patch]) -> Result<()> {
+        patch_batch(self, batch).map(|_| ())
     }
     fn quiesce(&self) {}
 }
