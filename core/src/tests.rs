@@ -1450,6 +1450,51 @@ mod uprobes_tests {
         assert!(matches!(u.resolve(&g, &*mm, PROGRAM_TRAP).0, Hit::NotOurs));
         assert!(matches!(u.resolve(&g, &*mm, 8).0, Hit::Restart));
     }
+
+    /// Unregistration allocates nothing, however many mappings its walk visits (40 address
+    /// spaces: more than one chunk of the reverse map): with any allocation failing it
+    /// succeeds, and every breakpoint is gone.
+    #[test]
+    fn unregister_never_allocates_across_many_mappings() {
+        let text = ByteText::new();
+        text.add_object(ObjectId(1), object_bytes(1));
+        let u: U = Uprobes::new(SlotRcu::new(), text);
+        let mms: Vec<_> = (0..40)
+            .map(|i| {
+                let mm = u.create_mm(MmId(i + 1)).unwrap();
+                u.mmap(&mm, 0, 4 * P, 0, ObjectId(1), VmFlags::EXEC)
+                    .unwrap();
+                mm
+            })
+            .collect();
+        let reader = u.registry().rcu().register().unwrap();
+        let k = ProbeKey::new(ObjectId(1), 3);
+        let (c, _) = counting();
+        for n in 0..4 {
+            u.register(k, c.clone()).unwrap();
+            {
+                let g = u.read(&reader);
+                for mm in &mms {
+                    assert!(matches!(u.resolve(&g, &**mm, 3).0, Hit::Run(_)));
+                }
+            }
+            fail_after(Some(n));
+            let r = u.unregister(&k, &c);
+            fail_after(None);
+            assert_eq!(r, Ok(()), "unregister failed with allocation {n} failing");
+            // (The probe's own removal from the tree may have been the allocation that failed:
+            // then it is an orphan until the sync below retries it.)
+            u.sync();
+            let g = u.read(&reader);
+            for mm in &mms {
+                assert!(
+                    matches!(u.resolve(&g, &**mm, 3).0, Hit::Restart),
+                    "a breakpoint survived the unregistration"
+                );
+            }
+        }
+        assert!(u.registry().is_empty());
+    }
 }
 
 // ---------------------------------------------------------------- XOL slots and the task cache

@@ -287,9 +287,10 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownProbe`], [`Error::UnknownConsumer`], [`Error::NoMemory`], or the patcher's
-    /// error (the consumer is then already removed; the breakpoints are restored on the next
-    /// change of those mappings or by a later unregistration).
+    /// [`Error::UnknownProbe`], [`Error::UnknownConsumer`], or the patcher's error (the consumer
+    /// is then already removed; the breakpoints are restored on the next change of those
+    /// mappings or by a later unregistration). Never [`Error::NoMemory`]: the consumer list was
+    /// reserved by the registration and the walk over the mappings uses a fixed buffer.
     pub fn unregister(&self, key: &ProbeKey, consumer: &Arc<C>) -> Result<()> {
         let _reg = RawGuard::lock(self.registering.lock_for(key.object));
         if let Some(held) = self.registry.unregister_holding(key, consumer)? {
@@ -312,9 +313,30 @@ where
     /// object (the registration walk).
     fn sync_everywhere(&self, key: ProbeKey, insn: SavedInsn) -> Result<()> {
         let _gate = RawGuard::lock(&self.fork_gate);
-        let entries = self.rmap_entries(key.object)?;
         let mut first_err = Ok(());
-        for e in entries {
+        const CHUNK: usize = 16;
+        let mut buf = [RmapKey::MIN; CHUNK];
+        let mut after = None;
+        loop {
+            let n = self.rmap_chunk(key.object, after, &mut buf);
+            self.sync_entries(key, insn, &buf[..n], &mut first_err);
+            if n < CHUNK {
+                break;
+            }
+            after = Some(buf[n - 1]);
+        }
+        first_err
+    }
+
+    /// The registration walk's body for one chunk of reverse-map entries.
+    fn sync_entries(
+        &self,
+        key: ProbeKey,
+        insn: SavedInsn,
+        entries: &[RmapKey],
+        first_err: &mut Result<()>,
+    ) {
+        for &e in entries {
             let Some(mm) = self.mm(e.mm) else { continue };
             let w = mm.write();
             let Some(vma) = w.find(e.start) else { continue };
@@ -333,20 +355,23 @@ where
                 self.restore(&w, &vma, addr, insn)
             };
             if first_err.is_ok() {
-                first_err = r;
+                *first_err = r;
             }
         }
-        first_err
     }
 
-    fn rmap_entries(&self, object: ObjectId) -> Result<Vec<RmapKey>> {
+    /// Up to `out.len()` reverse-map entries of `object` in key order, strictly after `after`
+    /// (from the first when `None`); returns how many. A fixed buffer, so the registration walk
+    /// — and with it unregistration — never allocates: the walk takes the entries a chunk at a
+    /// time, dropping the reverse-map lock between chunks (it takes each address space's write
+    /// lock, which an mmap holds while it takes the reverse-map lock).
+    fn rmap_chunk(&self, object: ObjectId, after: Option<RmapKey>, out: &mut [RmapKey]) -> usize {
         let _rmap = RawGuard::lock(&self.rmap_lock);
-        let mut out = try_vec_with_capacity(4)?;
-        let mut err = Ok(());
-        let lo = RmapKey {
+        let mut n = 0;
+        let lo = after.unwrap_or(RmapKey {
             object,
             ..RmapKey::MIN
-        };
+        });
         let hi = RmapKey {
             object: ObjectId(object.0.wrapping_add(1)),
             ..RmapKey::MIN
@@ -355,22 +380,24 @@ where
             if k.object != object {
                 return false;
             }
-            if out.len() == out.capacity() && out.try_reserve(out.len()).is_err() {
-                err = Err(Error::NoMemory);
-                return false;
+            if Some(*k) == after {
+                return true;
             }
-            out.push(*k);
-            true
+            out[n] = *k;
+            n += 1;
+            n < out.len()
         };
         // SAFETY: the reverse-map lock is held: nothing reachable is freed during the walk.
         unsafe {
             if object.0 == u64::MAX {
-                self.rmap.for_each(|k, v| k.object < object || visit(k, v));
+                self.rmap.for_each(|k, v| {
+                    k.object < object || after.is_some_and(|a| *k < a) || visit(k, v)
+                });
             } else {
                 self.rmap.range(&lo, &hi, visit);
             }
         }
-        err.map(|()| out)
+        n
     }
 
     fn install(&self, w: &MmWriter<'_, L>, vma: &VmaInfo, addr: u64) -> Result<()> {
