@@ -93,6 +93,25 @@ pub const MAX_DETOUR: usize = 19;
 /// restores them, runs the displaced instructions and jumps back to `addr + len`. `displaced` is
 /// the same code past the call: a breakpoint hit that already ran the consumers continues there
 /// (so consumers run once per hit, whichever way the CPU came in).
+///
+/// # The trampoline's contract
+///
+/// What the embedder's trampoline code (the arch crate writes its instructions) must do, from
+/// `trampoline`:
+///
+/// 1. keep the interrupted code's state: everything the consumers or the call may change —
+///    the general registers and flags (x86-64: also step over the 128-byte red zone before
+///    pushing anything), and the extended (FP/vector) state unless every consumer is known to
+///    leave it alone;
+/// 2. call in with its probe — [`crate::kprobes::KprobesGuard::on_trampoline`] (or
+///    [`crate::optimizer::Optimizer::on_trampoline`] and the embedder's own consumers) inside
+///    one read section — and run what it answers; the answer may be "none" (disabled, or being
+///    removed: a trampoline can be entered until the next quiescence wait);
+/// 3. restore that state exactly (the x86 crate's `state_preservation` test is the oracle);
+/// 4. at `displaced`: run the relocated displaced instructions, then jump to `addr + len`.
+///
+/// The trampoline's memory must stay valid until [`CodeSpace::free_detour`]: probe-core calls
+/// it only after a quiescence wait that followed the removal of every way in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Detour {
     /// Bytes the jump replaces: whole instructions, at least the jump's own length.
