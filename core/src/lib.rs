@@ -51,7 +51,7 @@
 //! * `epoch` (default) — [`rcu::EpochRcu`], over crossbeam-epoch (`no_std` + `alloc`). Turn
 //!   default features off when the embedder brings its own RCU (a kernel's, or [`rcu::SlotRcu`]):
 //!   crossbeam is then not built at all.
-//! * `std` — conveniences that need the standard library ([`lock::YieldRelax`]). Never needed
+//! * `std` — conveniences that need the standard library (`lock::YieldRelax`). Never needed
 //!   for correctness; the crate is `no_std` without it (CI proves it by linking it into a
 //!   `no_std` staticlib with its own panic handler, with and without `epoch`).
 
