@@ -48,7 +48,7 @@
 //!
 //! # Features
 //!
-//! * `epoch` (default) — [`rcu::EpochRcu`], over crossbeam-epoch (`no_std` + `alloc`). Turn
+//! * `epoch` (default) — `rcu::EpochRcu`, over crossbeam-epoch (`no_std` + `alloc`). Turn
 //!   default features off when the embedder brings its own RCU (a kernel's, or [`rcu::SlotRcu`]):
 //!   crossbeam is then not built at all.
 //! * `std` — conveniences that need the standard library (`lock::YieldRelax`). Never needed

@@ -13,11 +13,11 @@
 //! |---|---|---|---|
 //! | a kernel | `rcu_read_lock` (preemption off) | `call_rcu` | `synchronize_rcu` |
 //! | a hypervisor | per-vCPU quiescent-state counter | queue to the reclaimer | wait for every vCPU to pass a quiescent point |
-//! | a process | [`EpochRcu`] (crossbeam-epoch) or [`SlotRcu`] | | |
+//! | a process | `EpochRcu` (crossbeam-epoch) or [`SlotRcu`] | | |
 //!
 //! Two implementations ship:
 //!
-//! * [`EpochRcu`] — the default, over `crossbeam-epoch`'s collector (no `std`, `alloc` only).
+//! * `EpochRcu` (feature `epoch`) — the default, over `crossbeam-epoch`'s collector (no `std`, `alloc` only).
 //!   Not built under loom, whose model checker cannot see crossbeam's atomics.
 //! * [`SlotRcu`] — small and complete: one padded announcement slot per reader, a fence-based
 //!   handshake, and a queue of deferred callbacks run by `synchronize`. Every atomic goes through
