@@ -242,7 +242,7 @@ fn heavy_barrier() {
     }
 }
 
-/// The RCU domains of the hit path: asymmetric (readers pay a compiler fence, grace periods a
+/// The RCU domain of the hit path (shared by the optimizer and the registry): asymmetric (readers pay a compiler fence, grace periods a
 /// membarrier) when the kernel has `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, symmetric otherwise.
 fn hit_rcu() -> SlotRcu {
     if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED).is_ok() {
@@ -799,21 +799,23 @@ impl XolMap {
     }
 }
 
-/// A pooled pair of RCU readers (one per domain), claimed by a hit with one swap. Each on its
+/// A pooled RCU reader of the hit path's one domain, claimed by a hit with one swap. Each on its
 /// own cache lines, and each thread starts from the entry it used last: in the common case a hit
 /// writes only lines no other thread writes.
 #[repr(align(128))]
 struct Pooled {
     busy: AtomicBool,
-    opt: <SlotRcu as Rcu>::Reader<'static>,
-    reg: <SlotRcu as Rcu>::Reader<'static>,
+    reader: <SlotRcu as Rcu>::Reader<'static>,
 }
 
 /// The most trap handlers that run at the same moment without waiting for a pooled reader.
 const POOL: usize = 256;
 
-type Opt = Optimizer<ProcessCode, SlotRcu>;
-type Reg = Registry<Hook, SlotRcu>;
+/// The optimizer and the registry share one RCU domain (clones of one `Arc`), as the kprobes
+/// layer's do: a trap's one read section covers the optimizer's site, the address-space model
+/// and the consumer list, and a grace period costs one heavy barrier, not one per domain.
+type Opt = Optimizer<ProcessCode, Arc<SlotRcu>>;
+type Reg = Registry<Hook, Arc<SlotRcu>>;
 
 /// Serializes attach/detach/run_optimizer (the handler never takes it), and holds the writers'
 /// reader of the registry (to read a probe's consumers when its hit list is rebuilt).
@@ -965,6 +967,7 @@ impl Live {
             .write(true)
             .open("/proc/self/mem")
             .map_err(|e| LiveError::Executable(e.to_string()))?;
+        let rcu = Arc::new(hit_rcu());
         let opt: &'static Opt = Box::leak(Box::new(Optimizer::new(
             ProcessCode {
                 image,
@@ -981,15 +984,14 @@ impl Live {
                 trampolines_reused: AtomicU64::new(0),
                 trampolines_freed: AtomicU64::new(0),
             },
-            hit_rcu(),
+            rcu.clone(),
         )));
-        let reg: &'static Reg = Box::leak(Box::new(Registry::new(hit_rcu())));
+        let reg: &'static Reg = Box::leak(Box::new(Registry::new(rcu)));
         let mut pool = Vec::with_capacity(POOL);
         for _ in 0..POOL {
             pool.push(Pooled {
                 busy: AtomicBool::new(false),
-                opt: opt.rcu().register()?,
-                reg: reg.rcu().register()?,
+                reader: reg.rcu().register()?,
             });
         }
         // The program's handler, which keeps every trap that is not ours.
@@ -1389,11 +1391,13 @@ impl Live {
     fn breakpoint_hit(&self, addr: u64, regs: impl FnOnce() -> Regs) -> Option<u64> {
         let pooled = self.claim();
         let answer = {
-            let guard = self.opt.rcu().read_lock(&pooled.opt);
+            // One domain: this read section covers the consumers' lookup below too (their own
+            // sections nest in it, a counter on this reader).
+            let guard = self.opt.rcu().read_lock(&pooled.reader);
             match self.opt.on_breakpoint(&guard, addr) {
                 Trap::Probe { fire, then } => {
                     if fire {
-                        self.run_consumers(&pooled.reg, addr, &regs());
+                        self.run_consumers(&pooled.reader, addr, &regs());
                     }
                     match then {
                         Then::Step => self.opt.space().xol_map.get(addr).map(|c| c.xol),
@@ -1652,7 +1656,7 @@ extern "sysv64" fn trampoline_entry(
     };
     let pooled = live.claim();
     {
-        let _guard = live.reg.rcu().read_lock(&pooled.reg);
+        let _guard = live.reg.rcu().read_lock(&pooled.reader);
         // Acquire pairs with the AcqRel swap in `Live::publish`.
         let list = ctx.list.load(Ordering::Acquire);
         if !list.is_null() {
