@@ -425,6 +425,46 @@ pub fn run() -> bool {
         )
     });
 
+    // A probe inside another probe's jump range: not an error (kprobes' rule, which probe-core
+    // keeps): the covering jump is forced back to a breakpoint at once, and both probes fire.
+    let outer = Arc::new(Kprobe::new(a, h(4)));
+    kprobes::register(outer.clone()).expect("register outer");
+    k.wait_for_optimizer();
+    r.check(
+        k.state(a)
+            .is_ok_and(|s| s.code == probe_core::optimizer::Code::Jump),
+        || "the outer probe was not optimized".into(),
+    );
+    let inner = Arc::new(Kprobe::new(a + 4, h(5)));
+    let armed = kprobes::register(inner.clone());
+    let st = k.state(a);
+    kprintln!(
+        "  collision: a probe inside a jump range: {armed:?}; the covering probe is now {:?}",
+        st.map(|s| s.code)
+    );
+    r.check(
+        armed.is_ok() && st.is_ok_and(|s| s.code == probe_core::optimizer::Code::Breakpoint),
+        || "the colliding registration did not force the covering jump back".into(),
+    );
+    let before = OTHER_HITS.load(Ordering::Relaxed);
+    let_run(300);
+    r.check(
+        OTHER_HITS.load(Ordering::Relaxed) >= before + 2 * 300 || workers == 0,
+        || {
+            format!(
+                "both probes should fire on every call: {} hits for 300 calls",
+                OTHER_HITS.load(Ordering::Relaxed) - before
+            )
+        },
+    );
+    k.unregister(&inner).expect("unregister inner");
+    k.unregister(&outer).expect("unregister outer");
+    k.sync();
+    k.wait_for_optimizer();
+    r.check(pristine(a, sym!(st_target_a_end)) == a_orig, || {
+        "collision: bytes not restored".into()
+    });
+
     // Disable / enable, and revival of an unused probe.
     let b = addr_of(st_target_b);
     let kp = Arc::new(Kprobe::new(b, h(1)));
