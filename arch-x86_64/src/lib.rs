@@ -27,15 +27,12 @@
 #![no_std]
 #![deny(rustdoc::broken_intra_doc_links)]
 
-#[cfg(any(feature = "live", test))]
+#[cfg(test)]
 extern crate std;
 
 pub mod detour;
 pub mod insn;
-#[cfg(all(feature = "live", target_arch = "x86_64", target_os = "linux"))]
-pub mod live;
 pub mod live_patch;
-pub mod scan;
 pub mod xol;
 #[cfg(target_arch = "x86_64")]
 pub mod xstate;

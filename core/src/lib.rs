@@ -73,6 +73,7 @@ pub mod optimizer;
 pub mod probe;
 pub mod rcu;
 pub mod registry;
+pub mod scan;
 pub mod seqcount;
 pub mod sync;
 pub mod testing;

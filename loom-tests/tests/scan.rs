@@ -1,4 +1,4 @@
-//! The live embedding's quiescence scan (`probe_arch_x86_64::scan::ScanRounds`): the optimizer
+//! The live embedding's quiescence scan (`probe_core::scan::ScanRounds`): the optimizer
 //! must never free a trampoline while a thread is inside it.
 //!
 //! Threads: a scanner and two workers (preemption bound 2). Signals are modelled as per-worker
@@ -20,7 +20,7 @@ mod common;
 
 use loom::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use loom::thread;
-use probe_arch_x86_64::scan::ScanRounds;
+use probe_core::scan::ScanRounds;
 use probe_core::seeded::Bug;
 use std::sync::Arc;
 

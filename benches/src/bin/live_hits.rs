@@ -28,8 +28,8 @@ fn main() {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
-    use probe_arch_x86_64::live::{Consumer, Live, Regs};
     use probe_arch_x86_64::xstate::{SaveInsn, XState};
+    use probe_process::live::{Consumer, Live, Regs};
     use std::hint::black_box;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};

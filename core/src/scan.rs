@@ -27,7 +27,7 @@
 //! sees every busy answer it counted. A late busy answer may bump the new round's `busy`
 //! without being counted: a spurious retry, never a missed one.
 
-use probe_core::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// The scanner's rounds and the answers to them.
 #[derive(Debug, Default)]

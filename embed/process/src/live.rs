@@ -1,4 +1,4 @@
-//! Probes on the running process itself (feature `live`, x86_64 Linux): the process is the
+//! Probes on the running process itself (x86_64 Linux): the process is the
 //! "kernel", its threads are the "CPUs", its code pages are the "text".
 //!
 //! # What happens on a hit
@@ -33,14 +33,14 @@
 //! Code is written through `/proc/self/mem` (what debuggers use): the kernel writes the page for
 //! us, breaking copy-on-write of the file-backed text, and the page's protection never changes —
 //! no page is ever writable and executable. Multi-byte changes go through the int3-first protocol
-//! ([`crate::live_patch`]) with `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` as the
+//! ([`probe_arch_x86_64::live_patch`]) with `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` as the
 //! cross-core sync. XOL copies live in a memfd mapped twice near the code: read+execute for the
 //! threads, read+write for us.
 //!
 //! # XOL copies are per probe, not per thread
 //!
 //! Linux gives each thread its own XOL slot because its copy is single-stepped and fixed up
-//! afterwards. Our copies ([`crate::xol`]) are pure code ending in a jump back — nothing to fix
+//! afterwards. Our copies ([`probe_arch_x86_64::xol`]) are pure code ending in a jump back — nothing to fix
 //! up — so one copy per probe serves every thread at once, prepared when the probe is attached;
 //! a hit only sets RIP.
 //!
@@ -51,7 +51,7 @@
 //! `trampoline_entry` with the probe's own context (a trampoline serves one probe, so no lookup:
 //! the context holds the probe's current consumer list, published by attach/detach under RCU).
 //! If any consumer is a closure ([`Live::attach`]) the entry saves the whole extended state
-//! with the cheapest correct instruction for this CPU ([`crate::xstate`]: `XSAVEC` over XCR0
+//! with the cheapest correct instruction for this CPU ([`probe_arch_x86_64::xstate`]: `XSAVEC` over XCR0
 //! here), hands the consumers the ABI's clean state, and restores it after; if every consumer is
 //! register-only ([`Live::attach_raw`]) it saves nothing more. Then the trampoline pops
 //! everything, runs the displaced instructions (relocated) and jumps back. The optimizer turns
@@ -67,7 +67,7 @@
 //! handler whether the interrupted RIP is strictly inside a prepared jump range, in an XOL copy
 //! that jumps back into one, or in a trampoline that is retiring (or whether it is running that
 //! trampoline's consumers, a thread-local flag). A round with every thread answering "outside"
-//! ends the wait ([`crate::scan`]; the round number keeps late answers to an abandoned round
+//! ends the wait ([`probe_core::scan`]; the round number keeps late answers to an abandoned round
 //! from completing a new one — loom-checked with its seeded bug). The SIGTRAP handler blocks the
 //! scan's signal, so a thread redirected into a trampoline answers from there, never from just
 //! before. Threads hitting *other* probes do not hold the wait up.
@@ -84,11 +84,11 @@
 //! again, so their memory is bounded by the number of distinct addresses ever probed. Freeing
 //! them would take the same scan; not done.
 
-use crate::X86_64;
-use crate::insn::{self, Insn, Refusal};
-use crate::live_patch::{CodeWriter, patch_batch};
-use crate::xol;
-use crate::xstate::{SaveInsn, XState};
+use probe_arch_x86_64::X86_64;
+use probe_arch_x86_64::insn::{self, Insn, Refusal};
+use probe_arch_x86_64::live_patch::{CodeWriter, patch_batch};
+use probe_arch_x86_64::xol;
+use probe_arch_x86_64::xstate::{SaveInsn, XState};
 use probe_core::arch::{CodeSpace, Detour, NotOptimizable, Patch};
 use probe_core::mm::{AddressSpace, AddressSpaceOps, MmId};
 use probe_core::optimizer::{Optimizer, Then, Trap};
@@ -421,7 +421,7 @@ struct ProcessCode {
     /// after its jump goes in (the quiescence scan reads this).
     ranges: RangeTable,
     /// How a trampoline saves the extended state around full-state consumers, chosen at
-    /// install from CPUID ([`crate::xstate`]).
+    /// install from CPUID ([`probe_arch_x86_64::xstate`]).
     xstate: XState,
     /// Probe address → its [`ProbeCtx`] (XOL copy, consumer list for trampolines).
     xol_map: XolMap,
@@ -534,7 +534,7 @@ impl CodeSpace for ProcessCode {
         self.image
             .original(start, &mut func)
             .ok_or(NotOptimizable::TooShort)?;
-        let range = crate::detour::analyze(&func, start, addr)?;
+        let range = probe_arch_x86_64::detour::analyze(&func, start, addr)?;
         let reused = self
             .free_trampolines
             .lock()
@@ -596,8 +596,9 @@ impl CodeSpace for ProcessCode {
         // A jump gone out cuts its trampoline off: from now until it is freed, a thread found
         // inside it keeps the quiescence wait waiting (the wait comes after this returns).
         for p in batch {
-            if let ([crate::JMP_REL32, a, b, c, d, ..], [n, ..]) = (p.old(), p.new_bytes())
-                && *n != crate::JMP_REL32
+            if let ([probe_arch_x86_64::JMP_REL32, a, b, c, d, ..], [n, ..]) =
+                (p.old(), p.new_bytes())
+                && *n != probe_arch_x86_64::JMP_REL32
             {
                 let rel = i32::from_le_bytes([*a, *b, *c, *d]);
                 self.retire(p.addr.wrapping_add(5).wrapping_add(rel as i64 as u64));
@@ -920,7 +921,7 @@ impl Live {
     /// the XOL area near the code. Once per process.
     ///
     /// ```no_run
-    /// use probe_arch_x86_64::live::{Consumer, Live, Regs};
+    /// use probe_process::live::{Consumer, Live, Regs};
     /// use std::sync::Arc;
     /// use std::sync::atomic::{AtomicU64, Ordering};
     ///
@@ -935,7 +936,7 @@ impl Live {
     /// let probe = live.attach_symbol("my_function", 0, consumer)?; // or `attach(addr, …)`
     /// // … threads call my_function: a breakpoint hit now, a jump hit once optimized …
     /// live.detach(probe)?; // original bytes back; the consumer never runs again
-    /// # Ok::<(), probe_arch_x86_64::live::LiveError>(())
+    /// # Ok::<(), probe_process::live::LiveError>(())
     /// ```
     pub fn install() -> Result<&'static Live, LiveError> {
         Self::install_xstate(XState::detect())
@@ -1546,7 +1547,7 @@ fn trampoline(
     at: u64,
     ctx: &'static ProbeCtx,
     xsave_size: u32,
-    range: &crate::detour::JumpRange,
+    range: &probe_arch_x86_64::detour::JumpRange,
 ) -> Result<(Vec<u8>, u64), Refusal> {
     let mut c: Vec<u8> = Vec::with_capacity(TRAMPOLINE);
     let lea_rsp = |c: &mut Vec<u8>, d: i8| c.extend_from_slice(&[0x48, 0x8D, 0x64, 0x24, d as u8]);
@@ -1716,11 +1717,11 @@ fn quiesce_signal() -> libc::c_int {
     libc::SIGRTMIN() + 7
 }
 
-/// The scan's rounds ([`crate::scan`]: why the round number travels with the signal).
-static SCAN: OnceLock<crate::scan::ScanRounds> = OnceLock::new();
+/// The scan's rounds ([`probe_core::scan`]: why the round number travels with the signal).
+static SCAN: OnceLock<probe_core::scan::ScanRounds> = OnceLock::new();
 
-fn rounds() -> &'static crate::scan::ScanRounds {
-    SCAN.get_or_init(crate::scan::ScanRounds::new)
+fn rounds() -> &'static probe_core::scan::ScanRounds {
+    SCAN.get_or_init(probe_core::scan::ScanRounds::new)
 }
 
 /// Runs on each thread the scan signals: is this thread inside code that is being replaced or

@@ -36,8 +36,8 @@ fn main() {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
-    use probe_arch_x86_64::live::{Consumer, Live, Regs};
     use probe_arch_x86_64::xstate::{SaveInsn, XState, component};
+    use probe_process::live::{Consumer, Live, Regs};
     use std::os::unix::process::ExitStatusExt;
     use std::process::Command;
     use std::sync::Arc;
@@ -270,7 +270,7 @@ mod imp {
     fn both_paths(
         live: &Live,
         what: &str,
-        attach: impl Fn() -> Vec<probe_arch_x86_64::live::Attached>,
+        attach: impl Fn() -> Vec<probe_process::live::Attached>,
     ) -> Vec<String> {
         let probes = attach();
         let mut bad = check(&format!("{what}, breakpoint path"), 20);

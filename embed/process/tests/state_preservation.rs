@@ -32,8 +32,8 @@ fn main() {
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
-    use probe_arch_x86_64::live::{Consumer, Live, Regs};
     use probe_arch_x86_64::xstate::{self, SaveInsn, XState, component};
+    use probe_process::live::{Consumer, Live, Regs};
     use std::process::Command;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -501,7 +501,7 @@ mod imp {
         live: &Live,
         c: Classes,
         what: &str,
-        attach: impl Fn() -> Vec<probe_arch_x86_64::live::Attached>,
+        attach: impl Fn() -> Vec<probe_process::live::Attached>,
     ) -> Vec<String> {
         let probes = attach();
         let mut bad = check(c, &format!("{what}, breakpoint path"), 50);
@@ -603,7 +603,7 @@ mod imp {
         // SAFETY: as above.
         let null = unsafe { live.attach_raw(site, None, ctx) };
         assert!(
-            matches!(null, Err(probe_arch_x86_64::live::LiveError::NullConsumer)),
+            matches!(null, Err(probe_process::live::LiveError::NullConsumer)),
             "a null register-only consumer is an error"
         );
 

@@ -4,7 +4,7 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
-use probe_arch_x86_64::live::{Consumer, Live, Regs};
+use probe_process::live::{Consumer, Live, Regs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -146,7 +146,7 @@ fn a_foreign_int3_reaches_the_programs_handler() {
 #[test]
 fn every_bad_attach_is_an_error_and_changes_nothing() {
     use probe_arch_x86_64::insn::Refusal;
-    use probe_arch_x86_64::live::LiveError;
+    use probe_process::live::LiveError;
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
     let (n, c) = counter();

@@ -1,0 +1,17 @@
+//! # probe-process
+//!
+//! probe-core embedded in a running Linux process: probes on the process's own code, with the
+//! process itself as the "kernel" — a SIGTRAP handler as the trap path, `/proc/self/mem` and
+//! `membarrier` as the live patch and its cross-core sync, a signal round as the quiescence wait,
+//! an address-space model filled from `/proc/self/maps`. x86_64 Linux; the instruction set comes
+//! from `probe-arch-x86_64`, the protocols from `probe-core`.
+//!
+//! Layers: `probe-core` ← `probe-arch-x86_64` (instruction set only: no libc, no `object`) ←
+//! this crate (the embedding) ← `probe-benches`.
+//!
+//! The whole embedding is in [`live`] for now; see its docs.
+
+#![deny(rustdoc::broken_intra_doc_links)]
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+pub mod live;
