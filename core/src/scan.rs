@@ -65,7 +65,7 @@ impl ScanRounds {
         let mut cur = self.state.load(Ordering::SeqCst);
         loop {
             #[cfg(loom)]
-            let any_round = probe_core::seeded::is(probe_core::seeded::Bug::ScanAnswerAnyRound);
+            let any_round = crate::seeded::is(crate::seeded::Bug::ScanAnswerAnyRound);
             #[cfg(not(loom))]
             let any_round = false;
             if (cur >> 32) as u32 != round && !any_round {
