@@ -9,7 +9,9 @@
 //! Layers: `probe-core` ← `probe-arch-x86_64` (instruction set only: no libc, no `object`) ←
 //! this crate (the embedding) ← `probe-benches`.
 //!
-//! The whole embedding is in [`live`] for now; see its docs.
+//! The embedding is [`live`], one idea per file: the executable's image and the maps lines,
+//! the near-code area, the optimizer's code space, the reader pool, trampolines, quiescence,
+//! the SIGTRAP handler; its module docs walk through a hit.
 
 #![deny(rustdoc::broken_intra_doc_links)]
 

@@ -718,7 +718,7 @@ mod imp {
                 })
             })
         };
-        let Some((_, entry)) = find("4live16trampoline_entry") else {
+        let Some((_, entry)) = find("4live10trampoline16trampoline_entry") else {
             panic!("trampoline_entry not found in the test binary's symbols");
         };
         let disasm = |name: &str| -> Vec<String> {
@@ -754,7 +754,7 @@ mod imp {
         while let Some(f) = queue.pop() {
             let body = disasm(&f);
             lines += body.len();
-            let is_run_full = f.contains("4live8run_full");
+            let is_run_full = f.contains("4live10trampoline8run_full");
             // In run_full, only the code before the save and after the restore runs with the
             // interrupted code's state in the registers.
             let (mut live_state, mut after) = (true, false);

@@ -1,0 +1,296 @@
+//! The process's code as the optimizer's `CodeSpace`: writes through `/proc/self/mem` with the
+//! x86 crate's int3-first live patch and `membarrier` as its sync, trampolines, and the table of
+//! prepared jump ranges the quiescence scan reads.
+
+use super::*;
+
+/// Writes code through `/proc/self/mem`; syncs cores with membarrier.
+pub(super) struct ProcMem(pub(super) File);
+
+impl CodeWriter for ProcMem {
+    fn write(&self, addr: u64, bytes: &[u8]) -> probe_core::Result<()> {
+        // A failed write reports the errno; the live patch rolls the batch back. (A short
+        // write to our own mapped text does not happen short of memory exhaustion.)
+        self.0
+            .write_all_at(bytes, addr)
+            .map_err(|e| probe_core::Error::Embedder(e.raw_os_error().unwrap_or(-1)))
+    }
+    fn sync_cores(&self) {
+        let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
+        debug_assert!(r.is_ok());
+    }
+}
+
+/// The process's code as the optimizer's [`CodeSpace`].
+pub(super) struct ProcessCode {
+    pub(super) image: Image,
+    pub(super) mem: ProcMem,
+    /// XOL copies and trampolines (the optimizer calls `prepare_detour` with its lock held, from
+    /// inside `attach`, so the area has its own lock).
+    pub(super) area: Mutex<XolArea>,
+    /// Where the area's executable view is, for the quiescence scan (immutable).
+    pub(super) area_range: (u64, u64),
+    /// Freed trampolines, reusable (they were freed after a quiescence wait).
+    pub(super) free_trampolines: Mutex<Vec<u64>>,
+    /// Jump ranges of prepared detours: a thread stopped strictly inside one must not resume
+    /// after its jump goes in (the quiescence scan reads this).
+    pub(super) ranges: RangeTable,
+    /// How a trampoline saves the extended state around full-state consumers, chosen at
+    /// install from CPUID ([`probe_arch_x86_64::xstate`]).
+    pub(super) xstate: XState,
+    /// Probe address → its [`ProbeCtx`] (XOL copy, consumer list for trampolines).
+    pub(super) xol_map: XolMap,
+    /// Per 64-byte block of the area: for an XOL copy, where it jumps back to (0 otherwise).
+    pub(super) slot_resume: Box<[AtomicU64]>,
+    /// Trampolines whose jump was taken out (found in `patch`), until `free_detour`.
+    pub(super) retiring: Box<[AtomicU64]>,
+    /// Statistics (Relaxed counters, writer side only).
+    pub(super) trampolines_made: AtomicU64,
+    pub(super) trampolines_reused: AtomicU64,
+    pub(super) trampolines_freed: AtomicU64,
+}
+
+pub(super) const RETIRING: usize = 1024;
+
+impl ProcessCode {
+    /// The quiescence test for one thread, from its signal handler: could it still be inside
+    /// code that the optimizer is about to overwrite or free? `rip` is where it was interrupted,
+    /// `tramp` the trampoline whose consumers it is running (and how deep).
+    ///
+    /// * strictly inside a prepared jump range (past its first byte): the jump would land in
+    ///   the middle of it when written;
+    /// * in an XOL copy that jumps back strictly inside a prepared jump range (same reason);
+    /// * in a retiring trampoline, or running consumers called from one (its return address is
+    ///   there).
+    ///
+    /// A thread in another probe's copy or a live trampoline is not inside: a busy program whose
+    /// threads keep hitting probes still quiesces.
+    pub(super) fn inside(&self, rip: u64, tramp: (u64, u32)) -> bool {
+        if tramp.1 > 1 || (tramp.1 == 1 && self.is_retiring(tramp.0)) {
+            return true;
+        }
+        if self.ranges.inside(rip) {
+            return true;
+        }
+        let (lo, hi) = self.area_range;
+        if rip < lo || rip >= hi {
+            return false;
+        }
+        let block = ((rip - lo) / 64) as usize;
+        // Acquire pairs with the Release store in `Live::attach`.
+        let resume = self.slot_resume[block].load(Ordering::Acquire);
+        if resume != 0 {
+            return self.ranges.inside(resume);
+        }
+        // A trampoline block: which trampoline (they are TRAMPOLINE-aligned from `lo`)?
+        let start = lo + (rip - lo) / TRAMPOLINE as u64 * TRAMPOLINE as u64;
+        self.is_retiring(start)
+    }
+
+    pub(super) fn is_retiring(&self, tramp: u64) -> bool {
+        // Acquire pairs with the Release store in `retire`.
+        self.retiring
+            .iter()
+            .any(|r| r.load(Ordering::Acquire) == tramp)
+    }
+
+    pub(super) fn retire(&self, tramp: u64) {
+        if self.is_retiring(tramp) {
+            return;
+        }
+        for r in self.retiring.iter() {
+            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
+            if r.load(Ordering::Relaxed) == 0 {
+                // Release pairs with the Acquire in `is_retiring`.
+                r.store(tramp, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+impl CodeSpace for ProcessCode {
+    type Arch = X86_64;
+
+    fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+        self.image
+            .original(addr, buf)
+            .ok_or(probe_core::Error::OffsetOutOfRange)
+    }
+
+    fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
+        let &(start, end, _) = self
+            .image
+            .function_at(addr)
+            .ok_or(probe_core::Error::OffsetOutOfRange)?;
+        let mut func = std::vec![0u8; (end - start) as usize];
+        self.read_original(start, &mut func)?;
+        insn::check_boundary(&func, start, addr)
+    }
+
+    fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+        // Called from the trap handler for an address just executed (mapped, readable text).
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `addr..addr+len` is the trapping instruction's bytes, in a mapped text page
+            // (the CPU just fetched it); a volatile read because other threads patch it.
+            *b = unsafe { core::ptr::read_volatile((addr as usize + i) as *const u8) };
+        }
+        Ok(())
+    }
+
+    fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
+        // The trampoline hands its hit this probe's context directly (attach made it).
+        let ctx = self.xol_map.get(addr).ok_or(NotOptimizable::Unsupported)?;
+        let &(start, end, _) = self
+            .image
+            .function_at(addr)
+            .ok_or(NotOptimizable::TooShort)?;
+        let mut func = std::vec![0u8; (end - start) as usize];
+        self.image
+            .original(start, &mut func)
+            .ok_or(NotOptimizable::TooShort)?;
+        let range = probe_arch_x86_64::detour::analyze(&func, start, addr)?;
+        let reused = self
+            .free_trampolines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        // Relaxed: statistics.
+        self.trampolines_made.fetch_add(1, Ordering::Relaxed);
+        let at = match reused {
+            Some(at) => {
+                // Relaxed: statistics.
+                self.trampolines_reused.fetch_add(1, Ordering::Relaxed);
+                at
+            }
+            None => {
+                let mut area = self.area.lock().unwrap_or_else(|e| e.into_inner());
+                area.alloc(TRAMPOLINE).ok_or(NotOptimizable::NoMemory)?
+            }
+        };
+        let (code, displaced) = trampoline(at, ctx, self.xstate.size, &range)
+            .map_err(|_| NotOptimizable::OutOfReach)?;
+        let jump = range.jump_bytes(at).ok_or(NotOptimizable::OutOfReach)?;
+        if !self.ranges.insert(at, addr, addr + range.len() as u64) {
+            return Err(NotOptimizable::NoMemory);
+        }
+        self.area
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(at, &code);
+        Ok(Detour {
+            len: range.len() as u8,
+            jump,
+            trampoline: at,
+            displaced,
+        })
+    }
+
+    fn free_detour(&self, detour: &Detour) {
+        // The optimizer calls this after a quiescence wait that followed the removal of every
+        // way into the trampoline: it can be reused.
+        self.ranges.remove(detour.trampoline);
+        for r in self.retiring.iter() {
+            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
+            if r.load(Ordering::Relaxed) == detour.trampoline {
+                // Relaxed: only this (the optimizer's) thread writes the table.
+                r.store(0, Ordering::Relaxed);
+            }
+        }
+        self.free_trampolines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(detour.trampoline);
+        // Relaxed: statistics.
+        self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
+        // All or nothing: a failed batch was rolled back, and its trampolines stay in use.
+        patch_batch(&self.mem, batch)?;
+        // A jump gone out cuts its trampoline off: from now until it is freed, a thread found
+        // inside it keeps the quiescence wait waiting (the wait comes after this returns).
+        for p in batch {
+            if let ([probe_arch_x86_64::JMP_REL32, a, b, c, d, ..], [n, ..]) =
+                (p.old(), p.new_bytes())
+                && *n != probe_arch_x86_64::JMP_REL32
+            {
+                let rel = i32::from_le_bytes([*a, *b, *c, *d]);
+                self.retire(p.addr.wrapping_add(5).wrapping_add(rel as i64 as u64));
+            }
+        }
+        Ok(())
+    }
+
+    fn quiesce(&self) {
+        quiesce(self);
+    }
+
+    fn kick(&self) {
+        // Called with the optimizer's lock held: only wake the optimizer thread, if there is one.
+        if let Some(t) = OPTIMIZER_THREAD.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// Prepared jump ranges, keyed by their trampoline: written by the optimizer's thread, read by
+/// the quiescence signal handler (lock-free).
+///
+/// # Invariants
+///
+/// * INVARIANT: an entry's `start`/`end` are stored before its `tramp` key (Release) and the key
+///   is cleared before they are reused.
+pub(super) struct RangeTable {
+    pub(super) tramp: Box<[AtomicU64]>,
+    pub(super) start: Box<[AtomicU64]>,
+    pub(super) end: Box<[AtomicU64]>,
+}
+
+pub(super) const RANGES: usize = 4096;
+
+impl RangeTable {
+    pub(super) fn new() -> Self {
+        let v = || (0..RANGES).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            tramp: v(),
+            start: v(),
+            end: v(),
+        }
+    }
+    /// Writers only (the optimizer's lock serializes them).
+    pub(super) fn insert(&self, tramp: u64, start: u64, end: u64) -> bool {
+        for i in 0..RANGES {
+            // Relaxed: only writers (serialized by the optimizer's lock) write the keys.
+            if self.tramp[i].load(Ordering::Relaxed) == 0 {
+                // Relaxed: published by the Release store of the key below.
+                self.start[i].store(start, Ordering::Relaxed);
+                self.end[i].store(end, Ordering::Relaxed);
+                // INVARIANT: bounds first. Release pairs with the Acquire in `inside`.
+                self.tramp[i].store(tramp, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+    pub(super) fn remove(&self, tramp: u64) {
+        for k in self.tramp.iter() {
+            // Relaxed: the table's keys are written only by the optimizer's (this) thread.
+            if k.load(Ordering::Relaxed) == tramp {
+                // Relaxed: the scan that follows any reuse runs after a quiescence wait's
+                // synchronization (signals and SeqCst counters).
+                k.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+    /// Is `rip` strictly inside a prepared jump range (past its first byte)?
+    pub(super) fn inside(&self, rip: u64) -> bool {
+        (0..RANGES).any(|i| {
+            // Acquire pairs with the Release store in `insert`.
+            self.tramp[i].load(Ordering::Acquire) != 0
+                && rip > self.start[i].load(Ordering::Relaxed)
+                // Relaxed: ordered after the Acquire load of the key (`insert` stored the bounds first).
+                && rip < self.end[i].load(Ordering::Relaxed)
+        })
+    }
+}

@@ -1,0 +1,866 @@
+//! Probes on the running process itself (x86_64 Linux): the process is the
+//! "kernel", its threads are the "CPUs", its code pages are the "text".
+//!
+//! # What happens on a hit
+//!
+//! ```text
+//!  thread runs INT3 at addr ──SIGTRAP──▶ handler (SA_SIGINFO, on the thread's stack, below the red zone)
+//!     claim a pooled pair of RCU readers          (one atomic swap on this thread's own line)
+//!     optimizer.on_breakpoint(addr)               (lock-free tree lookup, no store)
+//!       Probe { fire, then }        → if fire: resolve addr → (object, file offset) by
+//!                                     speculating on the address-space model, then run the
+//!                                     consumers found in the registry under that key
+//!         then: Step                → RIP = the probe's XOL copy (relocated insn + jmp back)
+//!         then: Detour(d)           → RIP = d.displaced (the trampoline's displaced code)
+//!       Restart                     → RIP = addr (the breakpoint went away meanwhile)
+//!       NotOurs                     → the program's previous SIGTRAP handler
+//!     release the readers; return (sigreturn resumes at RIP)
+//! ```
+//!
+//! # Why the handler may do this
+//!
+//! A signal can interrupt a thread anywhere — inside `malloc`, holding any lock, or inside
+//! probe-core's own writer paths. The handler therefore allocates nothing and takes no lock:
+//! the optimizer's and the registry's read paths are lock-free and store-free (core proves this
+//! with a test), and RCU readers come from a pool allocated at [`Live::install`], claimed with an
+//! atomic swap. The interrupted thread can never hold a pooled reader (only handlers do, and
+//! SIGTRAP is blocked while its own handler runs), so a claim waits at most for other threads'
+//! handlers, which do not wait for anything. Writers (`attach`, `detach`) take a mutex the handler
+//! never touches.
+//!
+//! # Writing code without W+X
+//!
+//! Code is written through `/proc/self/mem` (what debuggers use): the kernel writes the page for
+//! us, breaking copy-on-write of the file-backed text, and the page's protection never changes —
+//! no page is ever writable and executable. Multi-byte changes go through the int3-first protocol
+//! ([`probe_arch_x86_64::live_patch`]) with `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)` as the
+//! cross-core sync. XOL copies live in a memfd mapped twice near the code: read+execute for the
+//! threads, read+write for us.
+//!
+//! # XOL copies are per probe, not per thread
+//!
+//! Linux gives each thread its own XOL slot because its copy is single-stepped and fixed up
+//! afterwards. Our copies ([`probe_arch_x86_64::xol`]) are pure code ending in a jump back — nothing to fix
+//! up — so one copy per probe serves every thread at once, prepared when the probe is attached;
+//! a hit only sets RIP.
+//!
+//! # The jump path
+//!
+//! Each optimizable probe gets a trampoline in the same near area: it steps over the red zone,
+//! pushes the general registers and flags as the consumers' [`Regs`], and calls
+//! `trampoline_entry` with the probe's own context (a trampoline serves one probe, so no lookup:
+//! the context holds the probe's current consumer list, published by attach/detach under RCU).
+//! If any consumer is a closure ([`Live::attach`]) the entry saves the whole extended state
+//! with the cheapest correct instruction for this CPU ([`probe_arch_x86_64::xstate`]: `XSAVEC` over XCR0
+//! here), hands the consumers the ABI's clean state, and restores it after; if every consumer is
+//! register-only ([`Live::attach_raw`]) it saves nothing more. Then the trampoline pops
+//! everything, runs the displaced instructions (relocated) and jumps back. The optimizer turns
+//! probes into `jmp rel32` in delayed batches ([`Live::run_optimizer`], or the thread of
+//! [`Live::start_optimizer`]) with the int3-first protocol.
+//!
+//! # Quiescence: when no thread can be inside
+//!
+//! Before a jump goes in, no thread may be stopped strictly inside the bytes it covers; before a
+//! trampoline is reused, no thread may be inside it or running consumers called from it. A
+//! process has no `synchronize_rcu_tasks`, so the wait ([`CodeSpace::quiesce`]) asks every other
+//! thread: it sends each a real-time signal carrying a round number, and each answers from its
+//! handler whether the interrupted RIP is strictly inside a prepared jump range, in an XOL copy
+//! that jumps back into one, or in a trampoline that is retiring (or whether it is running that
+//! trampoline's consumers, a thread-local flag). A round with every thread answering "outside"
+//! ends the wait ([`probe_core::scan`]; the round number keeps late answers to an abandoned round
+//! from completing a new one — loom-checked with its seeded bug). The SIGTRAP handler blocks the
+//! scan's signal, so a thread redirected into a trampoline answers from there, never from just
+//! before. Threads hitting *other* probes do not hold the wait up.
+//!
+//! One case the scan does not see: a thread interrupted inside a retiring trampoline by the
+//! program's own signal handler, still running that handler when the scan asks (the scan sees the
+//! innermost frame only). Trampolines are reused only after such a wait, so the window is a
+//! program handler that outlives a whole optimizer batch at exactly that spot.
+//!
+//! Every thread must be able to take the scan's signal (`SIGRTMIN + 7`): a thread that blocks
+//! it for good keeps every quiescence wait, and so the optimizer, waiting.
+//!
+//! XOL copies are not freed: there is one per probed address, reused when the address is probed
+//! again, so their memory is bounded by the number of distinct addresses ever probed. Freeing
+//! them would take the same scan; not done.
+
+use probe_arch_x86_64::X86_64;
+use probe_arch_x86_64::insn::{self, Insn, Refusal};
+use probe_arch_x86_64::live_patch::{CodeWriter, patch_batch};
+use probe_arch_x86_64::xol;
+use probe_arch_x86_64::xstate::{SaveInsn, XState};
+use probe_core::arch::{CodeSpace, Detour, NotOptimizable, Patch};
+use probe_core::mm::{AddressSpace, AddressSpaceOps, MmId};
+use probe_core::optimizer::{Optimizer, Then, Trap};
+use probe_core::probe::{ObjectId, ProbeKey};
+use probe_core::rcu::{Rcu, SlotRcu};
+use probe_core::registry::Registry;
+use probe_core::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::boxed::Box;
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
+use std::string::{String, ToString};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::vec::Vec;
+
+mod area;
+mod code;
+mod image;
+mod pool;
+mod quiesce;
+mod trampoline;
+mod trap;
+
+use area::*;
+use code::*;
+use image::*;
+use pool::*;
+use quiesce::*;
+use trampoline::*;
+use trap::*;
+
+/// The registers a consumer sees: the interrupted thread's, as saved by the kernel (breakpoint
+/// path) or pushed by the trampoline (jump path, where this struct *is* the pushed frame: its
+/// layout is part of the trampoline's code).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+#[allow(missing_docs)]
+pub struct Regs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub rsp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    /// The probed instruction's address.
+    pub rip: u64,
+    pub rflags: u64,
+}
+
+/// A consumer: runs on every hit of its probe, in the signal handler of the thread that hit it,
+/// so it must be async-signal-safe (no allocation, no locks another thread might hold).
+pub type Consumer = dyn Fn(&Regs) + Send + Sync;
+
+/// A register-only consumer ([`Live::attach_raw`]): integer code that touches no x87, MXCSR or
+/// vector state — what an eBPF program's JIT output or a kernel optprobe handler is. Called with
+/// the registers and the context pointer given at attach.
+pub type RawConsumer = unsafe extern "C" fn(regs: &Regs, ctx: *mut core::ffi::c_void);
+
+/// What the registry holds per consumer: a closure that may use any register state, or a
+/// register-only function with its context.
+enum Hook {
+    /// A closure: its hits save and restore the whole extended state around it.
+    Full(Arc<Consumer>),
+    /// A register-only function: hits whose every consumer is one skip the extended state.
+    Raw {
+        /// The function.
+        f: RawConsumer,
+        /// Its context pointer, passed back on every call.
+        ctx: usize,
+    },
+}
+
+impl Hook {
+    /// Calls it.
+    #[inline(always)]
+    fn call(&self, regs: &Regs) {
+        match self {
+            Hook::Full(c) => c(regs),
+            // SAFETY: `attach_raw`'s contract: `f` may be called with any registers and `ctx`
+            // until its detach returned (the hit holds a read section detach waits for).
+            Hook::Raw { f, ctx } => unsafe { f(regs, *ctx as *mut core::ffi::c_void) },
+        }
+    }
+}
+
+/// Why a live operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LiveError {
+    /// [`Live::install`] was already called in this process.
+    AlreadyInstalled,
+    /// A system call failed.
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// `errno`.
+        errno: i32,
+    },
+    /// The executable could not be read or parsed.
+    Executable(String),
+    /// No function symbol of that name (or containing that address).
+    NoSymbol,
+    /// The instruction there cannot be probed.
+    Refused(Refusal),
+    /// probe-core refused (inside an instruction, already a trap there, no memory, …).
+    Core(probe_core::Error),
+    /// The XOL area is full.
+    Full,
+    /// [`Live::attach_raw`] was given no function.
+    NullConsumer,
+}
+
+impl fmt::Display for LiveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AlreadyInstalled => f.write_str("live probes are already installed"),
+            Self::Os { what, errno } => write!(f, "{what}: errno {errno}"),
+            Self::Executable(e) => write!(f, "reading the executable: {e}"),
+            Self::NoSymbol => f.write_str("no such function symbol"),
+            Self::Refused(r) => write!(f, "cannot probe this instruction: {r}"),
+            Self::Core(e) => write!(f, "{e:?}"),
+            Self::Full => f.write_str("the XOL area is full"),
+            Self::NullConsumer => f.write_str("attach_raw was given a null function"),
+        }
+    }
+}
+
+impl std::error::Error for LiveError {}
+
+impl From<probe_core::Error> for LiveError {
+    fn from(e: probe_core::Error) -> Self {
+        Self::Core(e)
+    }
+}
+
+fn os(what: &'static str) -> LiveError {
+    LiveError::Os {
+        what,
+        errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+    }
+}
+
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
+/// The heavy half of the hit path's asymmetric fence ([`SlotRcu::with_heavy_barrier`]): every
+/// running thread of the process executes a full barrier. Registered at install, after which
+/// the kernel does not fail it; if it ever did, the grace period it belongs to would be unsound,
+/// so the process stops rather than free memory a reader may hold.
+fn heavy_barrier() {
+    if membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED).is_err() {
+        std::process::abort();
+    }
+}
+
+/// The RCU domain of the hit path (shared by the optimizer and the registry): asymmetric (readers pay a compiler fence, grace periods a
+/// membarrier) when the kernel has `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, symmetric otherwise.
+fn hit_rcu() -> SlotRcu {
+    if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED).is_ok() {
+        // SAFETY: registered, so `heavy_barrier` makes every thread of this process (the only
+        // ones that hold our readers) execute a full barrier before it returns.
+        unsafe { SlotRcu::with_heavy_barrier(heavy_barrier) }
+    } else {
+        SlotRcu::new()
+    }
+}
+
+fn membarrier(cmd: libc::c_int) -> Result<(), LiveError> {
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(os("membarrier"))
+    }
+}
+
+/// The optimizer and the registry share one RCU domain (clones of one `Arc`), as the kprobes
+/// layer's do: a trap's one read section covers the optimizer's site, the address-space model
+/// and the consumer list, and a grace period costs one heavy barrier, not one per domain.
+type Opt = Optimizer<ProcessCode, Arc<SlotRcu>>;
+type Reg = Registry<Hook, Arc<SlotRcu>>;
+
+/// Serializes attach/detach/run_optimizer (the handler never takes it), and holds the writers'
+/// reader of the registry (to read a probe's consumers when its hit list is rebuilt).
+struct Writer {
+    reader: <SlotRcu as Rcu>::Reader<'static>,
+}
+
+/// Per probed address, for the life of the process (like its XOL copy, which it names): what a
+/// hit at that address needs without looking anything up.
+///
+/// # Invariants
+///
+/// * INVARIANT: `list` is null or a `HitList` built from the registry's consumers of this
+///   address's key, published by a writer (under the writer mutex) with a Release swap; a list
+///   swapped out is freed only after a grace period of the registry's RCU domain, and every hit
+///   reads `list` inside one of that domain's read sections.
+/// * INVARIANT: `list` is null exactly while the probe has no consumer (the last detach clears it
+///   before the optimizer hears of it), so a trampoline still in the code after its probe was
+///   unregistered fires nothing — the optimizer's `on_trampoline` answer, without its lookup.
+struct ProbeCtx {
+    addr: u64,
+    xol: u64,
+    list: AtomicPtr<HitList>,
+}
+
+/// A probe's consumers as its trampoline runs them.
+struct HitList {
+    /// Some consumer may use any register state: save and restore the extended state.
+    full: bool,
+    hooks: Box<[Arc<Hook>]>,
+}
+
+std::thread_local! {
+    /// The trampoline whose consumers this thread is running (its return address is inside it),
+    /// and how deep such calls are nested: the quiescence scan counts the thread as inside it.
+    static IN_TRAMPOLINE: core::cell::Cell<(u64, u32)> = const { core::cell::Cell::new((0, 0)) };
+    /// Set while this thread writes the address-space model: a trap taken by this very thread
+    /// then must not wait for the write to end (it never would).
+    static IN_MM_WRITE: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// The live embedding. One per process: [`Live::install`].
+pub struct Live {
+    opt: &'static Opt,
+    reg: &'static Reg,
+    pool: Box<[Pooled]>,
+    writer: Mutex<Writer>,
+    /// The process's file mappings, from `/proc/self/maps`: the hit path resolves an address to
+    /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free.
+    mm: AddressSpace,
+    previous: libc::sigaction,
+}
+
+// SAFETY: `previous` is a plain C struct read by the handler; everything else is Sync.
+unsafe impl Sync for Live {}
+// SAFETY: as above.
+unsafe impl Send for Live {}
+
+static LIVE: OnceLock<&'static Live> = OnceLock::new();
+
+/// The delayed optimizer's thread, once started ([`Live::start_optimizer`]).
+static OPTIMIZER_THREAD: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// A probe attached by [`Live::attach`] or [`Live::attach_raw`]; give it back to
+/// [`Live::detach`].
+#[derive(Clone)]
+pub struct Attached {
+    addr: u64,
+    key: ProbeKey,
+    consumer: Arc<Hook>,
+}
+
+impl fmt::Debug for Attached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attached")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attached {
+    /// The probed address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// Its (inode, file offset) key.
+    pub fn key(&self) -> ProbeKey {
+        self.key
+    }
+}
+
+impl Live {
+    /// Installs the SIGTRAP handler (remembering the program's, which still gets every trap that
+    /// is not ours), reads the executable's symbols, registers for membarrier SYNC_CORE and maps
+    /// the XOL area near the code. Once per process.
+    ///
+    /// ```no_run
+    /// use probe_process::live::{Consumer, Live, Regs};
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    ///
+    /// let live = Live::install()?;
+    /// live.start_optimizer(std::time::Duration::from_millis(5)); // kprobes' delayed optimizer
+    /// let hits = Arc::new(AtomicU64::new(0));
+    /// let h = hits.clone();
+    /// // Runs in the hitting thread's signal handler or trampoline: keep it async-signal-safe.
+    /// let consumer: Arc<Consumer> = Arc::new(move |r: &Regs| {
+    ///     h.fetch_add(r.rdi & 1, Ordering::Relaxed);
+    /// });
+    /// let probe = live.attach_symbol("my_function", 0, consumer)?; // or `attach(addr, …)`
+    /// // … threads call my_function: a breakpoint hit now, a jump hit once optimized …
+    /// live.detach(probe)?; // original bytes back; the consumer never runs again
+    /// # Ok::<(), probe_process::live::LiveError>(())
+    /// ```
+    pub fn install() -> Result<&'static Live, LiveError> {
+        Self::install_xstate(XState::detect())
+    }
+
+    /// [`Live::install`] with the extended-state save forced to `save` where this CPU has it
+    /// ([`XState::with`], which sizes it for this CPU; `install` uses [`XState::detect`], the
+    /// cheapest correct choice). Forcing [`SaveInsn::Fxsave`] on a CPU with AVX corrupts the
+    /// interrupted code's vector registers — what some interceptors ship; it exists so a test
+    /// can show that its oracle catches exactly that. It takes the instruction, not an
+    /// [`XState`], so no caller can hand the trampolines an area size this CPU overflows.
+    pub fn install_with(save: SaveInsn) -> Result<&'static Live, LiveError> {
+        Self::install_xstate(XState::with(save))
+    }
+
+    fn install_xstate(xstate: XState) -> Result<&'static Live, LiveError> {
+        static ONCE: Mutex<bool> = Mutex::new(false);
+        let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+        if *done {
+            return Err(LiveError::AlreadyInstalled);
+        }
+        membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE)?;
+        let image = Image::load()?;
+        let near = image.functions.first().map_or(0, |f| f.0);
+        let xol = XolArea::map(near)?;
+        let area_range = (xol.rx, xol.rx + xol.len as u64);
+        let mem = File::options()
+            .read(true)
+            .write(true)
+            .open("/proc/self/mem")
+            .map_err(|e| LiveError::Executable(e.to_string()))?;
+        let rcu = Arc::new(hit_rcu());
+        let opt: &'static Opt = Box::leak(Box::new(Optimizer::new(
+            ProcessCode {
+                image,
+                mem: ProcMem(mem),
+                area: Mutex::new(xol),
+                area_range,
+                free_trampolines: Mutex::new(Vec::new()),
+                ranges: RangeTable::new(),
+                xstate,
+                xol_map: XolMap::new(),
+                slot_resume: (0..XOL_AREA / 64).map(|_| AtomicU64::new(0)).collect(),
+                retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
+                trampolines_made: AtomicU64::new(0),
+                trampolines_reused: AtomicU64::new(0),
+                trampolines_freed: AtomicU64::new(0),
+            },
+            rcu.clone(),
+        )));
+        let reg: &'static Reg = Box::leak(Box::new(Registry::new(rcu)));
+        let mut pool = Vec::with_capacity(POOL);
+        for _ in 0..POOL {
+            pool.push(Pooled {
+                busy: AtomicBool::new(false),
+                reader: reg.rcu().register()?,
+            });
+        }
+        // The program's handler, which keeps every trap that is not ours.
+        // SAFETY: a zeroed sigaction is valid for sigaction to fill; a null `act` only queries.
+        let mut previous: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(libc::SIGTRAP, core::ptr::null(), &mut previous) } != 0 {
+            return Err(os("sigaction"));
+        }
+        let live: &'static Live = Box::leak(Box::new(Live {
+            opt,
+            reg,
+            pool: pool.into_boxed_slice(),
+            writer: Mutex::new(Writer {
+                reader: reg.rcu().register()?,
+            }),
+            mm: AddressSpace::new(MmId(1)),
+            previous,
+        }));
+        live.refresh_locked()?;
+        // Publish before the handler can run.
+        let _ = LIVE.set(live);
+        // SAFETY: installing a handler that follows the rules in the module docs.
+        unsafe {
+            let mut sa: libc::sigaction = core::mem::zeroed();
+            sa.sa_sigaction = on_sigtrap as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            // The quiescence signal waits while a SIGTRAP handler runs: its answer then names
+            // the RIP the trap handler chose (an XOL copy, a trampoline), never a stale one.
+            libc::sigaddset(&mut sa.sa_mask, quiesce_signal());
+            if libc::sigaction(libc::SIGTRAP, &sa, core::ptr::null_mut()) != 0 {
+                return Err(os("sigaction"));
+            }
+            let mut q: libc::sigaction = core::mem::zeroed();
+            q.sa_sigaction = on_quiesce as *const () as usize;
+            q.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut q.sa_mask);
+            if libc::sigaction(quiesce_signal(), &q, core::ptr::null_mut()) != 0 {
+                return Err(os("sigaction"));
+            }
+        }
+        *done = true;
+        Ok(live)
+    }
+
+    /// The runtime address of function `name` in the executable.
+    pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.opt
+            .space()
+            .image
+            .functions
+            .iter()
+            .find(|f| f.2 == name)
+            .map(|f| f.0)
+    }
+
+    /// Attaches `consumer` to the function `name`, at `offset` bytes into it (any instruction
+    /// boundary).
+    pub fn attach_symbol(
+        &self,
+        name: &str,
+        offset: u64,
+        consumer: Arc<Consumer>,
+    ) -> Result<Attached, LiveError> {
+        let (start, end) = self
+            .opt
+            .space()
+            .image
+            .functions
+            .iter()
+            .find(|f| f.2 == name)
+            .map(|f| (f.0, f.1))
+            .ok_or(LiveError::NoSymbol)?;
+        if offset >= end - start {
+            // Past the function's end (into the next function, or padding).
+            return Err(LiveError::Core(probe_core::Error::OffsetOutOfRange));
+        }
+        self.attach(start + offset, consumer)
+    }
+
+    /// Attaches `consumer` at `addr`, which must start an instruction of a function in the
+    /// executable's symbol table. Hits on any thread run it from then on, until
+    /// [`Live::detach`]. The consumer may use any register state: its jump-path hits save and
+    /// restore the whole extended state (x87, SSE, AVX, AVX-512, AMX) around it.
+    pub fn attach(&self, addr: u64, consumer: Arc<Consumer>) -> Result<Attached, LiveError> {
+        self.attach_hook(addr, Hook::Full(consumer))
+    }
+
+    /// Attaches a register-only consumer at `addr`: `f(regs, ctx)` runs on every hit until
+    /// [`Live::detach`]. A probe whose every consumer is register-only is hit without saving the
+    /// extended state (general registers and flags only — the kernel optprobe's cost class); one
+    /// with any [`Live::attach`] consumer takes the full-state path, for all its consumers.
+    /// Where the instruction cannot be optimized the probe stays a breakpoint, with the same
+    /// contract.
+    ///
+    /// Errors: [`LiveError::NullConsumer`] for `None`; otherwise as [`Live::attach`].
+    ///
+    /// # Safety
+    ///
+    /// `f` touches no x87, MXCSR, SSE/AVX/AVX-512 or AMX state (integer code: eBPF JIT output,
+    /// code built without SSE), is async-signal-safe (it runs in signal handlers and in the
+    /// middle of arbitrary code: no allocation, no lock another thread may hold), and may be
+    /// called with `ctx` from any thread until `detach` of this probe returned.
+    pub unsafe fn attach_raw(
+        &self,
+        addr: u64,
+        f: Option<RawConsumer>,
+        ctx: *mut core::ffi::c_void,
+    ) -> Result<Attached, LiveError> {
+        let f = f.ok_or(LiveError::NullConsumer)?;
+        self.attach_hook(
+            addr,
+            Hook::Raw {
+                f,
+                ctx: ctx as usize,
+            },
+        )
+    }
+
+    fn attach_hook(&self, addr: u64, hook: Hook) -> Result<Attached, LiveError> {
+        let consumer = Arc::new(hook);
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let space = self.opt.space();
+        space.check_boundary(addr)?;
+        self.refresh_locked()?;
+        let key = self.key_at(addr).ok_or(LiveError::NoSymbol)?;
+        if space.xol_map.get(addr).is_none() {
+            let mut orig = [0u8; insn::MAX_INSN];
+            let end = space.image.function_at(addr).map_or(addr, |f| f.1);
+            let n = ((end - addr) as usize).min(insn::MAX_INSN);
+            space.read_original(addr, &mut orig[..n])?;
+            let i = Insn::decode(&orig[..n], addr).map_err(LiveError::Refused)?;
+            let slot = space
+                .area
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(|at| xol::prepare(&i, at))?;
+            let block = ((slot - space.area_range.0) / 64) as usize;
+            // Release pairs with the Acquire in `ProcessCode::inside`.
+            space.slot_resume[block].store(i.next(), Ordering::Release);
+            // Kept for the life of the process, like the XOL copy it names (bounded by the
+            // number of distinct addresses ever probed).
+            let ctx: &'static ProbeCtx = Box::leak(Box::new(ProbeCtx {
+                addr,
+                xol: slot,
+                list: AtomicPtr::new(core::ptr::null_mut()),
+            }));
+            space.xol_map.insert(addr, ctx)?;
+        }
+        self.reg.register(key, consumer.clone())?;
+        let armed = self.opt.register(addr);
+        if let Err(e) = armed {
+            let _ = self.reg.unregister(&key, &consumer);
+            self.reg.sync();
+            return Err(e.into());
+        }
+        self.publish(&w, addr, key);
+        Ok(Attached {
+            addr,
+            key,
+            consumer,
+        })
+    }
+
+    /// Detaches a probe: once this returns its consumer never runs again, and if it was the
+    /// last one at its address the original instruction is back.
+    pub fn detach(&self, a: Attached) -> Result<(), LiveError> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.reg.unregister(&a.key, &a.consumer)?;
+        // The trampoline's list loses it (and becomes null with the last one) before the
+        // optimizer hears of the detach.
+        self.publish(&w, a.addr, a.key);
+        self.opt.unregister(a.addr)?;
+        self.opt.wait_for_optimizer();
+        // No hit still holds the old consumer list after this.
+        self.reg.sync();
+        Ok(())
+    }
+
+    /// Rebuilds the hit list of the probe at `addr` from the registry's consumers of `key` and
+    /// publishes it; frees the old one after a grace period (the [`ProbeCtx`] invariants).
+    fn publish(&self, w: &Writer, addr: u64, key: ProbeKey) {
+        let Some(ctx) = self.opt.space().xol_map.get(addr) else {
+            return;
+        };
+        let hooks: Vec<Arc<Hook>> = {
+            let read = self.reg.read(&w.reader);
+            read.lookup(&key)
+                .map(|p| p.consumers().to_vec())
+                .unwrap_or_default()
+        };
+        let new = if hooks.is_empty() {
+            core::ptr::null_mut()
+        } else {
+            Box::into_raw(Box::new(HitList {
+                full: hooks.iter().any(|h| matches!(**h, Hook::Full(_))),
+                hooks: hooks.into_boxed_slice(),
+            }))
+        };
+        // AcqRel: Release publishes the new list to hits (pairs with their Acquire load in
+        // `trampoline_entry`); Acquire orders our later free after the previous publisher's
+        // writes to the old one.
+        let old = ctx.list.swap(new, Ordering::AcqRel);
+        if !old.is_null() {
+            // Every hit that may hold `old` is inside a registry read section.
+            self.reg.sync();
+            // SAFETY: `old` came from `Box::into_raw` here, is unreachable now, and a grace period
+            // passed since it was (INVARIANT of ProbeCtx).
+            drop(unsafe { Box::from_raw(old) });
+        }
+    }
+
+    /// Trampolines prepared, of them reused after a quiescence wait, and freed so far.
+    pub fn trampoline_stats(&self) -> (u64, u64, u64) {
+        let s = self.opt.space();
+        // Relaxed: statistics.
+        (
+            s.trampolines_made.load(Ordering::Relaxed),
+            s.trampolines_reused.load(Ordering::Relaxed),
+            s.trampolines_freed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// How many hits so far found their thread's pooled reader taken and moved to another entry.
+    /// Every other hit writes only lines of its own thread's entry (and its RCU slot), so this
+    /// staying flat while threads hit is the proof that the common case shares no line.
+    pub fn pool_moves(&self) -> u64 {
+        // Relaxed: a statistic.
+        POOL_MOVES.load(Ordering::Relaxed)
+    }
+
+    /// Runs the consumers of the probe at `addr` (hit path: lock-free, allocation-free).
+    fn run_consumers(&self, reader: &<SlotRcu as Rcu>::Reader<'static>, addr: u64, regs: &Regs) {
+        let Some(key) = self.key_of(reader, addr) else {
+            return;
+        };
+        let read = self.reg.read(reader);
+        if let Some(p) = read.lookup(&key) {
+            for c in p.consumers() {
+                c.call(regs);
+            }
+        }
+    }
+
+    /// The (object, file offset) mapped executable at `addr`, by speculation on the address-space
+    /// model (hit path: lock-free, allocation-free).
+    ///
+    /// The kernel falls back to taking the mm lock when speculation fails; a signal handler may
+    /// not (the interrupted thread may hold it). Here a failed speculation is retried: the only
+    /// writer is `refresh_mappings`, a short write section on an ordinary thread that never
+    /// waits for a trap handler, so the retry ends. The one thread that cannot wait for it — the
+    /// writer itself, trapping inside its own write section — uses the executable's static
+    /// mapping, computed from its ELF segments, instead.
+    fn key_of(&self, reader: &<SlotRcu as Rcu>::Reader<'static>, addr: u64) -> Option<ProbeKey> {
+        if IN_MM_WRITE.with(|w| w.get()) {
+            let space = self.opt.space();
+            return Some(ProbeKey {
+                object: ObjectId(space.image.inode),
+                offset: space.image.file_offset(addr)?,
+            });
+        }
+        loop {
+            // The model's VMAs and handles are freed through the registry's domain: hold one of
+            // its read sections while speculating.
+            let _guard = self.reg.rcu().read_lock(reader);
+            let Some(mut spec) = self.mm.speculate_begin() else {
+                core::hint::spin_loop();
+                continue;
+            };
+            let found = self.mm.speculate_find(&mut spec, addr);
+            if self.mm.speculate_validate(&spec) {
+                return found.map(|(object, offset)| ProbeKey { object, offset });
+            }
+        }
+    }
+
+    /// Re-reads `/proc/self/maps` into the address-space model if the file mappings changed
+    /// (called by `attach`; call it after `dlopen`).
+    pub fn refresh_mappings(&self) -> Result<(), LiveError> {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh_locked()
+    }
+
+    fn refresh_locked(&self) -> Result<(), LiveError> {
+        let maps = std::fs::read_to_string("/proc/self/maps")
+            .map_err(|e| LiveError::Executable(e.to_string()))?;
+        let want: Vec<probe_core::mm::VmaInfo> = maps.lines().filter_map(parse_maps_line).collect();
+        if self.mm.mappings() == want {
+            return Ok(());
+        }
+        // Apply the difference only: a mapping that did not change is never taken out, so a hit
+        // resolving in it never finds it missing between two write sections (a clear-and-refill
+        // did exactly that; the exact-hit test caught it).
+        let have = self.mm.mappings();
+        IN_MM_WRITE.with(|w| w.set(true));
+        let result = (|| {
+            let w = self.mm.write();
+            let rcu = self.reg.rcu();
+            for m in have.iter().filter(|m| !want.contains(m)) {
+                w.unmap(rcu, m.start, m.end - m.start)?;
+            }
+            for m in want.iter().filter(|m| !have.contains(m)) {
+                w.map(rcu, m.start, m.end - m.start, m.pgoff, m.object, m.flags)?;
+            }
+            Ok::<(), probe_core::Error>(())
+        })();
+        IN_MM_WRITE.with(|w| w.set(false));
+        result.map_err(LiveError::Core)
+    }
+
+    /// The (object, file offset) key the address-space model gives `addr` (for tests and tools;
+    /// takes the model's lock).
+    pub fn key_at(&self, addr: u64) -> Option<ProbeKey> {
+        self.mm.locked_find(addr, |v| {
+            v.map(|v| ProbeKey {
+                object: v.object,
+                offset: v.offset_of(addr),
+            })
+        })
+    }
+
+    /// Starts kprobes' delayed optimizer: a thread that, `delay` after an attach or detach
+    /// queued work, applies everything queued meanwhile in one batch ([`Live::run_optimizer`]).
+    /// Without it, the embedder calls `run_optimizer` itself. Returns `false` if already started.
+    pub fn start_optimizer(&'static self, delay: std::time::Duration) -> bool {
+        let mut started = false;
+        OPTIMIZER_THREAD.get_or_init(|| {
+            started = true;
+            std::thread::Builder::new()
+                .name("probe-optimizer".into())
+                .spawn(move || {
+                    loop {
+                        // Woken by `kick` (spurious wake-ups just cost an empty run).
+                        std::thread::park();
+                        std::thread::sleep(delay);
+                        self.run_optimizer();
+                    }
+                })
+                .map(|h| h.thread().clone())
+                .unwrap_or_else(|_| std::thread::current())
+        });
+        started
+    }
+
+    /// Turns queued probes into jumps (and jumps of detached probes back), in one batch:
+    /// kprobes' delayed optimizer. Attach queues, this applies. Call it from a timer thread, or
+    /// after a burst of attaches.
+    pub fn run_optimizer(&self) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.opt.wait_for_optimizer();
+    }
+
+    /// Whether the probe at `addr` is a jump in the code now (not merely queued to become one).
+    pub fn is_optimized(&self, addr: u64) -> bool {
+        self.opt
+            .state(addr)
+            .is_ok_and(|s| s.code == probe_core::optimizer::Code::Jump)
+    }
+
+    /// The breakpoint handler's own work for a trap at `addr` (INT3 executed there): claim the
+    /// pooled readers, ask the optimizer, run the consumers with `regs()`, pick where the thread
+    /// goes next (`None`: not ours, chain to the program's handler), release.
+    fn breakpoint_hit(&self, addr: u64, regs: impl FnOnce() -> Regs) -> Option<u64> {
+        let pooled = self.claim();
+        let answer = {
+            // One domain: this read section covers the consumers' lookup below too (their own
+            // sections nest in it, a counter on this reader).
+            let guard = self.opt.rcu().read_lock(&pooled.reader);
+            match self.opt.on_breakpoint(&guard, addr) {
+                Trap::Probe { fire, then } => {
+                    if fire {
+                        self.run_consumers(&pooled.reader, addr, &regs());
+                    }
+                    match then {
+                        Then::Step => self.opt.space().xol_map.get(addr).map(|c| c.xol),
+                        Then::Detour(d) => Some(d.displaced),
+                    }
+                }
+                // No probe at addr and no breakpoint there now. Either ours was removed after
+                // the thread trapped on it (re-execute the restored instruction), or the trap
+                // was the program's two-byte `INT 3` (CD 03), whose second byte is at addr: that
+                // one is not ours (re-executing from addr would run its immediate as code).
+                Trap::Restart => {
+                    let mut two = [0u8; 2];
+                    let space = self.opt.space();
+                    match space.read(addr.wrapping_sub(1), &mut two) {
+                        Ok(()) if two == [0xCD, 0x03] => None,
+                        _ => Some(addr),
+                    }
+                }
+                Trap::NotOurs => None,
+            }
+        };
+        Live::release(pooled);
+        answer
+    }
+
+    /// The SIGTRAP handler's own work for a hit at `addr` — everything it does except the
+    /// signal's delivery and return — run directly, for measuring (`live_hits` times it against
+    /// the whole breakpoint path). Returns where the thread would continue.
+    #[doc(hidden)]
+    pub fn breakpoint_work(&self, addr: u64) -> Option<u64> {
+        self.breakpoint_hit(addr, || Regs {
+            rip: addr,
+            ..Regs::default()
+        })
+    }
+}
