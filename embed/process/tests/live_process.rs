@@ -18,6 +18,11 @@ core::arch::global_asm!(
     "nop dword ptr [rax]",
     "ret",
     ".size live_t_add, . - live_t_add",
+    // A second name at the same address (as folded identical code has).
+    ".globl live_t_add_alias",
+    ".type live_t_add_alias, @function",
+    ".set live_t_add_alias, live_t_add",
+    ".size live_t_add_alias, . - live_t_add",
     ".globl live_t_riprel",
     ".type live_t_riprel, @function",
     "live_t_riprel:",
@@ -153,7 +158,7 @@ fn every_bad_attach_is_an_error_and_changes_nothing() {
     assert!(matches!(Live::install(), Err(LiveError::AlreadyInstalled)));
     assert!(matches!(
         live.attach_symbol("no_such_function", 0, c.clone()),
-        Err(LiveError::NoSymbol)
+        Err(LiveError::NoSymbol(ref n)) if n == "no_such_function"
     ));
     // Inside `lea rax, [rdi + rsi]` (4 bytes).
     assert!(matches!(
@@ -172,6 +177,17 @@ fn every_bad_attach_is_an_error_and_changes_nothing() {
     ));
     // Not in any function of the executable.
     assert!(live.attach(0x10, c.clone()).is_err());
+    // Every error is a sentence that names what was wrong.
+    let e = live
+        .attach_symbol("no_such_function", 0, c.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`no_such_function`"), "{e}");
+    let e = live
+        .attach_symbol("live_t_add", 2, c.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inside an instruction"), "{e}");
     // Detaching twice.
     let start = live.symbol("live_t_add").unwrap();
     let original = code(start, 8);
@@ -483,4 +499,45 @@ fn consumers_see_exactly_the_hits_while_attached() {
          all {inside_total} calls inside a window seen exactly once, none outside",
         calls.len()
     );
+}
+
+/// What a tracing user needs to find a place to probe: functions with sizes (aliases as their
+/// own entries), instruction boundaries, and why a probe stays a breakpoint.
+#[test]
+fn a_user_can_find_functions_boundaries_and_why_a_probe_is_a_breakpoint() {
+    use probe_process::live::{Optimization, WhyBreakpoint};
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let fs = live.functions();
+    let add = fs.iter().find(|f| f.name == "live_t_add").expect("listed");
+    assert_eq!(Some(add.addr), live.symbol("live_t_add"));
+    assert!(add.size >= 8, "{add:?}");
+    // An alias at the same address is its own entry and resolves by its own name.
+    let alias = fs
+        .iter()
+        .find(|f| f.name == "live_t_add_alias")
+        .expect("alias listed");
+    assert_eq!(alias.addr, add.addr);
+    assert_eq!(live.symbol("live_t_add_alias"), Some(add.addr));
+    // `lea rax, [rdi + rsi]` (4 bytes), `nop dword ptr [rax]` (3), `ret`.
+    assert_eq!(
+        live.instruction_boundaries("live_t_add").unwrap(),
+        [0, 4, 7]
+    );
+    assert!(live.instruction_boundaries("no_such_function").is_err());
+    // Why a probe stays a breakpoint: `ret` at offset 7 leaves too few bytes for a jump.
+    let (_, c) = counter();
+    let a = live.attach_symbol("live_t_add", 7, c).unwrap();
+    live.run_optimizer();
+    assert!(
+        matches!(
+            live.optimization(add.addr + 7),
+            Optimization::Breakpoint(WhyBreakpoint::NotOptimizable(_))
+        ),
+        "{:?}",
+        live.optimization(add.addr + 7)
+    );
+    live.detach(a).unwrap();
+    live.run_optimizer();
+    assert_eq!(live.optimization(add.addr + 7), Optimization::NotProbed);
 }

@@ -8,8 +8,13 @@ pub(super) struct Image {
     pub(super) bytes: Vec<u8>,
     /// (vaddr, file offset, file size), link-time addresses.
     pub(super) segments: Vec<(u64, u64, u64)>,
-    /// (runtime start, runtime end, name), sorted by start.
+    /// (runtime start, runtime end, name), sorted by start, one per address (for lookups by
+    /// address).
     pub(super) functions: Vec<(u64, u64, String)>,
+    /// Every function symbol, aliases included (folded identical code has several names at one
+    /// address; compiler clones such as `f.constprop.0` are names of their own), sorted by
+    /// (start, name).
+    pub(super) names: Vec<(u64, u64, String)>,
     pub(super) bias: u64,
     pub(super) inode: u64,
 }
@@ -52,11 +57,14 @@ impl Image {
             })
             .collect();
         functions.sort();
+        functions.dedup();
+        let names = functions.clone();
         functions.dedup_by_key(|f| f.0);
         Ok(Self {
             bytes,
             segments,
             functions,
+            names,
             bias,
             inode,
         })

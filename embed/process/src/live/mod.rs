@@ -185,6 +185,44 @@ impl Hook {
     }
 }
 
+/// A function symbol of the executable ([`Live::functions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Function {
+    /// Its name, exactly as in the symbol table (an alias is an entry of its own).
+    pub name: String,
+    /// Its runtime address.
+    pub addr: u64,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// How a probe runs ([`Live::optimization`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimization {
+    /// No probe at that address.
+    NotProbed,
+    /// A jump to its trampoline.
+    Jump,
+    /// A breakpoint now, queued to become a jump at the optimizer's next run.
+    Queued,
+    /// A breakpoint, and it stays one until what is named changes.
+    Breakpoint(WhyBreakpoint),
+}
+
+/// Why a probe stays a breakpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhyBreakpoint {
+    /// The arch analysis refuses a jump here (too few bytes left, a branch target or an
+    /// unrelocatable instruction inside the range, an indirect jump in the function, …).
+    NotOptimizable(probe_core::arch::NotOptimizable),
+    /// Another armed probe sits inside its jump range (retried when that one goes).
+    Blocked,
+    /// Pinned to a breakpoint (single-step semantics).
+    SingleStep,
+    /// Disabled.
+    Disabled,
+}
+
 /// Why a live operation failed.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -200,8 +238,10 @@ pub enum LiveError {
     },
     /// The executable could not be read or parsed.
     Executable(String),
-    /// No function symbol of that name (or containing that address).
-    NoSymbol,
+    /// No function symbol of that name (the name given).
+    NoSymbol(String),
+    /// No function symbol contains that address.
+    NoFunctionAt(u64),
     /// The instruction there cannot be probed.
     Refused(Refusal),
     /// probe-core refused (inside an instruction, already a trap there, no memory, …).
@@ -218,9 +258,13 @@ impl fmt::Display for LiveError {
             Self::AlreadyInstalled => f.write_str("live probes are already installed"),
             Self::Os { what, errno } => write!(f, "{what}: errno {errno}"),
             Self::Executable(e) => write!(f, "reading the executable: {e}"),
-            Self::NoSymbol => f.write_str("no such function symbol"),
+            Self::NoSymbol(name) => write!(
+                f,
+                "no function symbol named `{name}` in the executable (names are spelled exactly, compiler clones such as `f.constprop.0` included; `Live::functions` lists them)"
+            ),
+            Self::NoFunctionAt(a) => write!(f, "no function of the executable contains {a:#x}"),
             Self::Refused(r) => write!(f, "cannot probe this instruction: {r}"),
-            Self::Core(e) => write!(f, "{e:?}"),
+            Self::Core(e) => write!(f, "{e}"),
             Self::Full => f.write_str("the XOL area is full"),
             Self::NullConsumer => f.write_str("attach_raw was given a null function"),
         }
@@ -503,13 +547,80 @@ impl Live {
 
     /// The runtime address of function `name` in the executable.
     pub fn symbol(&self, name: &str) -> Option<u64> {
+        self.function(name).map(|f| f.addr)
+    }
+
+    /// The function named `name` (any of its aliases).
+    pub fn function(&self, name: &str) -> Option<Function> {
         self.opt
             .space()
             .image
-            .functions
+            .names
             .iter()
             .find(|f| f.2 == name)
-            .map(|f| f.0)
+            .map(|f| Function {
+                name: f.2.clone(),
+                addr: f.0,
+                size: f.1 - f.0,
+            })
+    }
+
+    /// Every function symbol of the executable with its address and size, aliases included
+    /// (several names at one address are several entries), sorted by address, then name.
+    pub fn functions(&self) -> Vec<Function> {
+        self.opt
+            .space()
+            .image
+            .names
+            .iter()
+            .map(|f| Function {
+                name: f.2.clone(),
+                addr: f.0,
+                size: f.1 - f.0,
+            })
+            .collect()
+    }
+
+    /// The offsets of every instruction boundary of the function `name` (0 first): the places a
+    /// probe may go.
+    ///
+    /// # Errors
+    ///
+    /// [`LiveError::NoSymbol`]; [`LiveError::Refused`] if the function does not decode to its
+    /// end (the refusal says why).
+    pub fn instruction_boundaries(&self, name: &str) -> Result<Vec<u64>, LiveError> {
+        let f = self
+            .function(name)
+            .ok_or_else(|| LiveError::NoSymbol(name.into()))?;
+        let mut code = std::vec![0u8; f.size as usize];
+        self.opt
+            .space()
+            .image
+            .original(f.addr, &mut code)
+            .ok_or(LiveError::NoFunctionAt(f.addr))?;
+        let mut out = Vec::new();
+        let mut off = 0usize;
+        while off < code.len() {
+            out.push(off as u64);
+            off += insn::length(&code[off..], f.addr + off as u64).map_err(LiveError::Refused)?;
+        }
+        Ok(out)
+    }
+
+    /// How the probe at `addr` runs, and if it stays a breakpoint, why.
+    pub fn optimization(&self, addr: u64) -> Optimization {
+        use probe_core::optimizer::{Code, Queue};
+        let Ok(st) = self.opt.state(addr) else {
+            return Optimization::NotProbed;
+        };
+        match (st.code, st.queue, st.not_optimizable) {
+            (Code::Jump, _, _) => Optimization::Jump,
+            (_, Queue::Optimizing, _) => Optimization::Queued,
+            (_, _, Some(why)) => Optimization::Breakpoint(WhyBreakpoint::NotOptimizable(why)),
+            _ if !st.enabled => Optimization::Breakpoint(WhyBreakpoint::Disabled),
+            _ if st.single_step => Optimization::Breakpoint(WhyBreakpoint::SingleStep),
+            _ => Optimization::Breakpoint(WhyBreakpoint::Blocked),
+        }
     }
 
     /// Attaches `consumer` to the function `name`, at `offset` bytes into it (any instruction
@@ -524,11 +635,11 @@ impl Live {
             .opt
             .space()
             .image
-            .functions
+            .names
             .iter()
             .find(|f| f.2 == name)
             .map(|f| (f.0, f.1))
-            .ok_or(LiveError::NoSymbol)?;
+            .ok_or_else(|| LiveError::NoSymbol(name.into()))?;
         if offset >= end - start {
             // Past the function's end (into the next function, or padding).
             return Err(LiveError::Core(probe_core::Error::OffsetOutOfRange));
@@ -581,7 +692,7 @@ impl Live {
         let space = self.opt.space();
         space.check_boundary(addr)?;
         self.refresh_locked()?;
-        let key = self.key_at(addr).ok_or(LiveError::NoSymbol)?;
+        let key = self.key_at(addr).ok_or(LiveError::NoFunctionAt(addr))?;
         if space.xol_map.get(addr).is_none() {
             let mut orig = [0u8; insn::MAX_INSN];
             let end = space.image.function_at(addr).map_or(addr, |f| f.1);
