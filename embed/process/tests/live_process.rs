@@ -175,8 +175,40 @@ fn every_bad_attach_is_an_error_and_changes_nothing() {
         live.attach_symbol("live_t_foreign", 0, c.clone()),
         Err(LiveError::Refused(Refusal::Trap))
     ));
-    // Not in any function of the executable.
-    assert!(live.attach(0x10, c.clone()).is_err());
+    // Not in any function of the executable: each case its own error, naming the address.
+    assert!(matches!(
+        live.attach(0x10, c.clone()),
+        Err(LiveError::NotMapped(0x10))
+    ));
+    // SAFETY: getauxval has no preconditions.
+    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) };
+    if vdso != 0 {
+        assert!(matches!(
+            live.attach(vdso + 0x100, c.clone()),
+            Err(LiveError::Vdso(_))
+        ));
+    }
+    let heap = Box::new([0u8; 64]);
+    let at = heap.as_ptr() as u64;
+    assert!(matches!(live.attach(at, c.clone()), Err(LiveError::Anonymous(a)) if a == at));
+    let data = &raw const FOREIGN_TRAPS as u64;
+    assert!(matches!(
+        live.attach(data, c.clone()),
+        Err(LiveError::NotExecutable(_))
+    ));
+    let strlen = libc::strlen as *const () as u64;
+    match live.attach(strlen, c.clone()) {
+        Err(LiveError::OtherObject { addr, path }) => {
+            assert_eq!(addr, strlen);
+            assert!(path.contains("libc"), "{path}");
+        }
+        other => panic!("strlen in libc: {other:?}"),
+    }
+    let e = live.attach(strlen, c.clone()).unwrap_err().to_string();
+    assert!(
+        e.contains("libc") && e.contains(&format!("{strlen:#x}")),
+        "{e}"
+    );
     // Every error is a sentence that names what was wrong.
     let e = live
         .attach_symbol("no_such_function", 0, c.clone())

@@ -50,6 +50,7 @@ impl Image {
         let bias = start.wrapping_sub(seg0 & !0xFFF);
         let mut functions: Vec<(u64, u64, String)> = obj
             .symbols()
+            .chain(obj.dynamic_symbols())
             .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
             .filter_map(|s| {
                 let a = s.address().wrapping_add(bias);
@@ -102,6 +103,39 @@ pub(super) fn object_id(major: u32, minor: u32, inode: u64) -> ObjectId {
             | (u64::from(minor & 0xFFF) << 40)
             | (inode & ((1 << 40) - 1)),
     )
+}
+
+/// What is mapped at `addr` when it is not in a function of the executable: the error that says
+/// so (reads `/proc/self/maps`; not for the hit path).
+pub(super) fn why_not_probeable(addr: u64, exe_inode: u64) -> LiveError {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return LiveError::NoFunctionAt(addr);
+    };
+    for l in maps.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let Some((lo, hi)) = f.first().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
+            continue;
+        };
+        if addr < lo || addr >= hi {
+            continue;
+        }
+        let path = f.get(5).copied().unwrap_or("");
+        let exec = f.get(1).is_some_and(|p| p.as_bytes().get(2) == Some(&b'x'));
+        return match parse_maps_line(l) {
+            _ if path == "[vdso]" || path == "[vsyscall]" => LiveError::Vdso(addr),
+            None => LiveError::Anonymous(addr),
+            Some(_) if !exec => LiveError::NotExecutable(addr),
+            Some(v) if v.object.0 != exe_inode => LiveError::OtherObject {
+                addr,
+                path: path.to_string(),
+            },
+            Some(_) => LiveError::NoFunctionAt(addr),
+        };
+    }
+    LiveError::NotMapped(addr)
 }
 
 /// One file-backed line of `/proc/self/maps`: `start-end perms offset major:minor inode path`.

@@ -240,8 +240,25 @@ pub enum LiveError {
     Executable(String),
     /// No function symbol of that name (the name given).
     NoSymbol(String),
-    /// No function symbol contains that address.
+    /// No function symbol of the executable contains that address (it is in the executable's
+    /// code, between functions).
     NoFunctionAt(u64),
+    /// Nothing is mapped at that address.
+    NotMapped(u64),
+    /// The address is in the vdso (or vsyscall page): the kernel's code, not probeable here.
+    Vdso(u64),
+    /// The address is in anonymous memory (heap, stack, JIT code), which has no file to key it by.
+    Anonymous(u64),
+    /// The address is mapped but not executable.
+    NotExecutable(u64),
+    /// The address is in another mapped file (a shared library): this embedding probes the
+    /// executable only, so far.
+    OtherObject {
+        /// The address.
+        addr: u64,
+        /// The file mapped there.
+        path: String,
+    },
     /// The instruction there cannot be probed.
     Refused(Refusal),
     /// probe-core refused (inside an instruction, already a trap there, no memory, …).
@@ -263,6 +280,20 @@ impl fmt::Display for LiveError {
                 "no function symbol named `{name}` in the executable (names are spelled exactly, compiler clones such as `f.constprop.0` included; `Live::functions` lists them)"
             ),
             Self::NoFunctionAt(a) => write!(f, "no function of the executable contains {a:#x}"),
+            Self::NotMapped(a) => write!(f, "nothing is mapped at {a:#x}"),
+            Self::Vdso(a) => write!(
+                f,
+                "{a:#x} is in the vdso, the kernel's code: it cannot be probed"
+            ),
+            Self::Anonymous(a) => write!(
+                f,
+                "{a:#x} is in anonymous memory (heap, stack or generated code), which has no file to key a probe by"
+            ),
+            Self::NotExecutable(a) => write!(f, "{a:#x} is mapped but not executable"),
+            Self::OtherObject { addr, path } => write!(
+                f,
+                "{addr:#x} is in {path}; this embedding probes the executable's own functions only"
+            ),
             Self::Refused(r) => write!(f, "cannot probe this instruction: {r}"),
             Self::Core(e) => write!(f, "{e}"),
             Self::Full => f.write_str("the XOL area is full"),
@@ -690,6 +721,9 @@ impl Live {
         let consumer = Arc::new(hook);
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let space = self.opt.space();
+        if space.image.function_at(addr).is_none() {
+            return Err(image::why_not_probeable(addr, space.image.inode));
+        }
         space.check_boundary(addr)?;
         self.refresh_locked()?;
         let key = self.key_at(addr).ok_or(LiveError::NoFunctionAt(addr))?;
