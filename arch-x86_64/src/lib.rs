@@ -33,6 +33,7 @@ extern crate std;
 pub mod detour;
 pub mod insn;
 pub mod live_patch;
+pub mod trampoline;
 pub mod xol;
 #[cfg(target_arch = "x86_64")]
 pub mod xstate;

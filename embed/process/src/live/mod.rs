@@ -122,32 +122,9 @@ use trampoline::*;
 use trap::*;
 
 /// The registers a consumer sees: the interrupted thread's, as saved by the kernel (breakpoint
-/// path) or pushed by the trampoline (jump path, where this struct *is* the pushed frame: its
-/// layout is part of the trampoline's code).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[repr(C)]
-#[allow(missing_docs)]
-pub struct Regs {
-    pub rax: u64,
-    pub rbx: u64,
-    pub rcx: u64,
-    pub rdx: u64,
-    pub rsi: u64,
-    pub rdi: u64,
-    pub rbp: u64,
-    pub rsp: u64,
-    pub r8: u64,
-    pub r9: u64,
-    pub r10: u64,
-    pub r11: u64,
-    pub r12: u64,
-    pub r13: u64,
-    pub r14: u64,
-    pub r15: u64,
-    /// The probed instruction's address.
-    pub rip: u64,
-    pub rflags: u64,
-}
+/// path) or pushed by the trampoline (jump path, where it *is* the pushed frame: the arch
+/// crate's [`probe_arch_x86_64::trampoline::Regs`]).
+pub use probe_arch_x86_64::trampoline::Regs;
 
 /// A consumer: runs on every hit of its probe, in the signal handler of the thread that hit it,
 /// so it must be async-signal-safe (no allocation, no locks another thread might hold).
