@@ -244,6 +244,8 @@ pub enum LiveError {
     Full,
     /// [`Live::attach_raw`] was given no function.
     NullConsumer,
+    /// [`Live::uninstall`] ran: no more probes in this process.
+    Uninstalled,
 }
 
 impl fmt::Display for LiveError {
@@ -275,6 +277,7 @@ impl fmt::Display for LiveError {
             Self::Core(e) => write!(f, "{e}"),
             Self::Full => f.write_str("the XOL area is full"),
             Self::NullConsumer => f.write_str("attach_raw was given a null function"),
+            Self::Uninstalled => f.write_str("live probes were uninstalled from this process"),
         }
     }
 }
@@ -388,6 +391,12 @@ pub struct Live {
     /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free.
     mm: AddressSpace,
     previous: libc::sigaction,
+    /// The quiescence signal's disposition before [`Live::install`] (restored by `uninstall`).
+    previous_quiesce: libc::sigaction,
+    /// Every attached probe, for [`Live::uninstall`] (under `writer`'s lock).
+    attached: Mutex<Vec<Attached>>,
+    /// Set by [`Live::uninstall`]: attaching fails from then on.
+    uninstalled: AtomicBool,
 }
 
 // SAFETY: `previous` is a plain C struct read by the handler; everything else is Sync.
@@ -516,6 +525,14 @@ impl Live {
         if unsafe { libc::sigaction(libc::SIGTRAP, core::ptr::null(), &mut previous) } != 0 {
             return Err(os("sigaction"));
         }
+        // SAFETY: as above.
+        let mut previous_quiesce: libc::sigaction = unsafe { core::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(quiesce_signal(), core::ptr::null(), &mut previous_quiesce) }
+            != 0
+        {
+            return Err(os("sigaction"));
+        }
         let live: &'static Live = Box::leak(Box::new(Live {
             opt,
             reg,
@@ -525,6 +542,9 @@ impl Live {
             }),
             mm: AddressSpace::new(MmId(1)),
             previous,
+            previous_quiesce,
+            attached: Mutex::new(Vec::new()),
+            uninstalled: AtomicBool::new(false),
         }));
         live.refresh_locked()?;
         // Publish before the handler can run.
@@ -697,6 +717,10 @@ impl Live {
     fn attach_hook(&self, addr: u64, hook: Hook) -> Result<Attached, LiveError> {
         let consumer = Arc::new(hook);
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // Relaxed: written under this lock.
+        if self.uninstalled.load(Ordering::Relaxed) {
+            return Err(LiveError::Uninstalled);
+        }
         let space = self.opt.space();
         if space.image.function_at(addr).is_none() {
             return Err(image::why_not_probeable(addr, space.image.inode));
@@ -735,11 +759,61 @@ impl Live {
             return Err(e.into());
         }
         self.publish(&w, addr, key);
-        Ok(Attached {
+        let a = Attached {
             addr,
             key,
             consumer,
-        })
+        };
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(a.clone());
+        Ok(a)
+    }
+
+    /// Takes every probe out and gives the program its own signal handlers back: each attached
+    /// probe is detached (its consumer never runs again, its original bytes are back), the
+    /// optimizer finishes (every trampoline out of the code), and the SIGTRAP and quiescence
+    /// signal dispositions are what they were before [`Live::install`]. Returns how many probes
+    /// were detached. From then on attaching fails with [`LiveError::Uninstalled`]; installing
+    /// again is not possible (one `Live` per process), and the delayed optimizer's thread, if
+    /// started, stays parked.
+    ///
+    /// # Errors
+    ///
+    /// A detach or a `sigaction` that failed (the rest is still done).
+    pub fn uninstall(&self) -> Result<usize, LiveError> {
+        // Relaxed: read under the writer lock by attach (which takes it too).
+        {
+            let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            self.uninstalled.store(true, Ordering::Relaxed);
+        }
+        let all: Vec<Attached> =
+            core::mem::take(&mut *self.attached.lock().unwrap_or_else(|e| e.into_inner()));
+        let n = all.len();
+        let mut first = Ok(());
+        for a in all {
+            if let Err(e) = self.detach(a) {
+                first = first.and(Err(e));
+            }
+        }
+        self.opt.wait_for_optimizer();
+        self.reg.sync();
+        // SAFETY: restoring dispositions the process had (saved by `install`).
+        unsafe {
+            if libc::sigaction(libc::SIGTRAP, &self.previous, core::ptr::null_mut()) != 0 {
+                first = first.and(Err(os("sigaction")));
+            }
+            if libc::sigaction(
+                quiesce_signal(),
+                &self.previous_quiesce,
+                core::ptr::null_mut(),
+            ) != 0
+            {
+                first = first.and(Err(os("sigaction")));
+            }
+        }
+        first.map(|()| n)
     }
 
     /// Detaches a probe: once this returns its consumer never runs again, and if it was the
@@ -747,6 +821,10 @@ impl Live {
     pub fn detach(&self, a: Attached) -> Result<(), LiveError> {
         let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.reg.unregister(&a.key, &a.consumer)?;
+        self.attached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|b| !(b.addr == a.addr && Arc::ptr_eq(&b.consumer, &a.consumer)));
         // The trampoline's list loses it (and becomes null with the last one) before the
         // optimizer hears of the detach.
         self.publish(&w, a.addr, a.key);
