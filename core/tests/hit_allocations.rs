@@ -6,39 +6,11 @@
 use probe_core::kprobes::{Kprobe, KprobeTrap, Kprobes, Ran, Reentry};
 use probe_core::rcu::{Rcu, SlotRcu};
 use probe_core::testing::ByteCode;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-}
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-static FREES: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: forwards to the system allocator; the counters are side effects only.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if COUNTING.with(|c| c.get()) {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: forwarded.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        if COUNTING.with(|c| c.get()) {
-            FREES.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: forwarded.
-        unsafe { System.dealloc(p, l) }
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+mod common;
+use common::{ALLOCS, COUNTING, FREES};
 
 type K = Kprobes<u64, ByteCode, Arc<SlotRcu>>;
 

@@ -394,61 +394,49 @@ pub unsafe trait Rcu: Send + Sync {
     fn synchronize(&self);
 }
 
-/// A shared reference to a domain is the same domain: one RCU for several structures (the
-/// [`crate::kprobes`] layer gives its registry and its optimizer one domain this way, and a
-/// kernel passes `&'static` its own RCU).
-// SAFETY: every method forwards to `R`, so `R`'s guarantees are this impl's.
-unsafe impl<R: Rcu + ?Sized> Rcu for &R {
-    type Reader<'d>
-        = R::Reader<'d>
-    where
-        Self: 'd;
-    type Guard<'r>
-        = R::Guard<'r>
-    where
-        Self: 'r;
+/// Implements [`Rcu`] for a handle type (`&R`, `Arc<R>`) by forwarding every method to the
+/// domain it points to: the handle *is* that domain.
+macro_rules! forward_rcu {
+    ($(#[$doc:meta])* $handle:ty) => {
+        $(#[$doc])*
+        // SAFETY: every method forwards to `R`, so `R`'s guarantees are this impl's.
+        unsafe impl<R: Rcu + ?Sized> Rcu for $handle {
+            type Reader<'d>
+                = R::Reader<'d>
+            where
+                Self: 'd;
+            type Guard<'r>
+                = R::Guard<'r>
+            where
+                Self: 'r;
 
-    fn register(&self) -> crate::Result<Self::Reader<'_>> {
-        (**self).register()
-    }
-    #[inline]
-    fn read_lock<'r>(&'r self, reader: &'r R::Reader<'_>) -> R::Guard<'r> {
-        (**self).read_lock(reader)
-    }
-    fn defer(&self, f: Deferred) {
-        (**self).defer(f)
-    }
-    fn synchronize(&self) {
-        (**self).synchronize()
-    }
+            fn register(&self) -> crate::Result<Self::Reader<'_>> {
+                (**self).register()
+            }
+            #[inline]
+            fn read_lock<'r>(&'r self, reader: &'r R::Reader<'_>) -> R::Guard<'r> {
+                (**self).read_lock(reader)
+            }
+            fn defer(&self, f: Deferred) {
+                (**self).defer(f)
+            }
+            fn synchronize(&self) {
+                (**self).synchronize()
+            }
+        }
+    };
 }
 
-/// A counted reference to a domain is the same domain (see the `&R` impl).
-// SAFETY: every method forwards to `R`.
-unsafe impl<R: Rcu + ?Sized> Rcu for alloc::sync::Arc<R> {
-    type Reader<'d>
-        = R::Reader<'d>
-    where
-        Self: 'd;
-    type Guard<'r>
-        = R::Guard<'r>
-    where
-        Self: 'r;
-
-    fn register(&self) -> crate::Result<Self::Reader<'_>> {
-        (**self).register()
-    }
-    #[inline]
-    fn read_lock<'r>(&'r self, reader: &'r Self::Reader<'_>) -> Self::Guard<'r> {
-        (**self).read_lock(reader)
-    }
-    fn defer(&self, f: Deferred) {
-        (**self).defer(f)
-    }
-    fn synchronize(&self) {
-        (**self).synchronize()
-    }
-}
+forward_rcu!(
+    /// A shared reference to a domain is the same domain: one RCU for several structures (the
+    /// [`crate::kprobes`] layer gives its registry and its optimizer one domain this way, and a
+    /// kernel passes `&'static` its own RCU).
+    &R
+);
+forward_rcu!(
+    /// A counted reference to a domain is the same domain (see the `&R` impl).
+    alloc::sync::Arc<R>
+);
 
 #[cfg(all(test, not(loom)))]
 mod tests {
