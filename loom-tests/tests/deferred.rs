@@ -41,6 +41,7 @@ fn model() {
                 let (stack, ran) = (stack.clone(), ran.clone());
                 thread::spawn(move || {
                     let data = Arc::new(Payload(UnsafeCell::new(0)));
+                    // SAFETY: nobody else can reach `data` before the push below.
                     data.0.with_mut(|p| unsafe { *p = 42 });
                     let d = Deferred::new(move || {
                         // SAFETY: written before the push; the take's Acquire orders it before us.
