@@ -29,7 +29,7 @@ fn main() {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod imp {
     use probe_arch_x86_64::xstate::{SaveInsn, XState};
-    use probe_process::live::{Consumer, Live, Regs};
+    use probe_process::live::{Consumer, EXE, Live, Regs};
     use std::hint::black_box;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,7 +172,7 @@ mod imp {
     pub fn main() {
         let xs = XState::detect();
         let live = Live::install().expect("install the live embedding");
-        let start = live.symbol("live_bench_target").expect("symbol");
+        let start = live.symbol(EXE, "live_bench_target").expect("symbol");
         let hits = Arc::new(AtomicU64::new(0));
         let h = hits.clone();
         // One hitting thread: a load and a store, not a locked RMW (5 ns here), so the figure is

@@ -4,7 +4,7 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
-use probe_process::live::{Consumer, Live, Regs};
+use probe_process::live::{Consumer, EXE, Live, Regs};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -157,22 +157,26 @@ fn every_bad_attach_is_an_error_and_changes_nothing() {
     let (n, c) = counter();
     assert!(matches!(Live::install(), Err(LiveError::AlreadyInstalled)));
     assert!(matches!(
-        live.attach_symbol("no_such_function", 0, c.clone()),
-        Err(LiveError::NoSymbol(ref n)) if n == "no_such_function"
+        live.attach_symbol(EXE, "no_such_function", 0, c.clone()),
+        Err(LiveError::NoSymbol { ref name, .. }) if name == "no_such_function"
+    ));
+    assert!(matches!(
+        live.attach_symbol("libno_such_object.so", "f", 0, c.clone()),
+        Err(LiveError::NoObject(ref o)) if o == "libno_such_object.so"
     ));
     // Inside `lea rax, [rdi + rsi]` (4 bytes).
     assert!(matches!(
-        live.attach_symbol("live_t_add", 2, c.clone()),
+        live.attach_symbol(EXE, "live_t_add", 2, c.clone()),
         Err(LiveError::Core(probe_core::Error::InsideInstruction))
     ));
     // Past the function's end (the bytes there belong to the next function).
     assert!(matches!(
-        live.attach_symbol("live_t_add", 8, c.clone()),
+        live.attach_symbol(EXE, "live_t_add", 8, c.clone()),
         Err(LiveError::Core(probe_core::Error::OffsetOutOfRange))
     ));
     // The program's own int3: refused, with the reason.
     assert!(matches!(
-        live.attach_symbol("live_t_foreign", 0, c.clone()),
+        live.attach_symbol(EXE, "live_t_foreign", 0, c.clone()),
         Err(LiveError::Refused(Refusal::Trap))
     ));
     // Not in any function of the executable: each case its own error, naming the address.
@@ -196,32 +200,28 @@ fn every_bad_attach_is_an_error_and_changes_nothing() {
         live.attach(data, c.clone()),
         Err(LiveError::NotExecutable(_))
     ));
-    let strlen = libc::strlen as *const () as u64;
-    match live.attach(strlen, c.clone()) {
-        Err(LiveError::OtherObject { addr, path }) => {
-            assert_eq!(addr, strlen);
-            assert!(path.contains("libc"), "{path}");
-        }
-        other => panic!("strlen in libc: {other:?}"),
-    }
-    let e = live.attach(strlen, c.clone()).unwrap_err().to_string();
+    // Inside a function of a shared library, but not at an instruction boundary.
+    let strlen = live.symbol("libc.so.6", "strlen").expect("libc's strlen");
     assert!(
-        e.contains("libc") && e.contains(&format!("{strlen:#x}")),
-        "{e}"
+        matches!(
+            live.attach_symbol("libc.so.6", "strlen", 1, c.clone()),
+            Err(LiveError::Core(probe_core::Error::InsideInstruction))
+        ),
+        "strlen at {strlen:#x}"
     );
     // Every error is a sentence that names what was wrong.
     let e = live
-        .attach_symbol("no_such_function", 0, c.clone())
+        .attach_symbol(EXE, "no_such_function", 0, c.clone())
         .unwrap_err()
         .to_string();
     assert!(e.contains("`no_such_function`"), "{e}");
     let e = live
-        .attach_symbol("live_t_add", 2, c.clone())
+        .attach_symbol(EXE, "live_t_add", 2, c.clone())
         .unwrap_err()
         .to_string();
     assert!(e.contains("inside an instruction"), "{e}");
     // Detaching twice.
-    let start = live.symbol("live_t_add").unwrap();
+    let start = live.symbol(EXE, "live_t_add").unwrap();
     let original = code(start, 8);
     let a = live.attach(start, c).unwrap();
     live.detach(a.clone()).unwrap();
@@ -235,7 +235,7 @@ fn every_bad_attach_is_an_error_and_changes_nothing() {
 fn hits_write_only_their_own_threads_pool_entry() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
-    let start = live.symbol("live_t_add").unwrap();
+    let start = live.symbol(EXE, "live_t_add").unwrap();
     let (n, c) = counter();
     // Offset 4: a breakpoint that stays one (too short for a jump), so every hit is a SIGTRAP.
     let a = live.attach(start + 4, c).unwrap();
@@ -266,7 +266,7 @@ fn the_delayed_optimizer_turns_a_probe_into_a_jump_by_itself() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
     live.start_optimizer(std::time::Duration::from_millis(10));
-    let start = live.symbol("live_t_add").unwrap();
+    let start = live.symbol(EXE, "live_t_add").unwrap();
     let (n, c) = counter();
     let a = live.attach(start, c).unwrap();
     // No run_optimizer call: the optimizer thread does it after its delay.
@@ -297,14 +297,14 @@ fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
         // push rbx (1) ; mov rsi, 100 (7) ; call (5) ; pop rbx (1) ; ret
         ("live_t_call", live_t_call, &[0, 1, 8, 13, 14]),
     ] {
-        let start = live.symbol(name).expect("symbol");
+        let start = live.symbol(EXE, name).expect("symbol");
         let original = code(start, 15);
         // SAFETY: the test functions are plain sysv64 functions.
         let want: Vec<u64> = (0..4).map(|i| unsafe { f(i) }).collect();
         for &off in insns {
             let (n, c) = counter();
             let a = live
-                .attach_symbol(name, off, c)
+                .attach_symbol(EXE, name, off, c)
                 .unwrap_or_else(|e| panic!("{name}+{off}: {e}"));
             // A breakpoint — or already a jump, if the delayed optimizer another test started
             // (it lives as long as the process) ran in between.
@@ -353,14 +353,14 @@ fn every_instruction_of_riprel_and_call_probed_behaves_as_unprobed() {
     assert_eq!(optimized, 4);
     // Not an instruction boundary.
     let (_, c) = counter();
-    assert!(live.attach_symbol("live_t_riprel", 1, c).is_err());
+    assert!(live.attach_symbol(EXE, "live_t_riprel", 1, c).is_err());
 }
 
 #[test]
 fn consumers_see_exactly_the_hits_while_attached() {
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
-    let start = live.symbol("live_t_add").unwrap();
+    let start = live.symbol(EXE, "live_t_add").unwrap();
     let original = code(start, 8);
     // A global clock orders calls against attach/detach.
     static CLOCK: AtomicU64 = AtomicU64::new(0);
@@ -540,9 +540,9 @@ fn a_user_can_find_functions_boundaries_and_why_a_probe_is_a_breakpoint() {
     use probe_process::live::{Optimization, WhyBreakpoint};
     let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = live();
-    let fs = live.functions();
+    let fs = live.functions(EXE).unwrap();
     let add = fs.iter().find(|f| f.name == "live_t_add").expect("listed");
-    assert_eq!(Some(add.addr), live.symbol("live_t_add"));
+    assert_eq!(add.addr, live.symbol(EXE, "live_t_add"));
     assert!(add.size >= 8, "{add:?}");
     // An alias at the same address is its own entry and resolves by its own name.
     let alias = fs
@@ -550,26 +550,30 @@ fn a_user_can_find_functions_boundaries_and_why_a_probe_is_a_breakpoint() {
         .find(|f| f.name == "live_t_add_alias")
         .expect("alias listed");
     assert_eq!(alias.addr, add.addr);
-    assert_eq!(live.symbol("live_t_add_alias"), Some(add.addr));
+    assert_eq!(live.symbol(EXE, "live_t_add_alias"), add.addr);
+    let add_addr = add.addr.expect("mapped");
     // `lea rax, [rdi + rsi]` (4 bytes), `nop dword ptr [rax]` (3), `ret`.
     assert_eq!(
-        live.instruction_boundaries("live_t_add").unwrap(),
+        live.instruction_boundaries(EXE, "live_t_add").unwrap(),
         [0, 4, 7]
     );
-    assert!(live.instruction_boundaries("no_such_function").is_err());
+    assert!(
+        live.instruction_boundaries(EXE, "no_such_function")
+            .is_err()
+    );
     // Why a probe stays a breakpoint: `ret` at offset 7 leaves too few bytes for a jump.
     let (_, c) = counter();
-    let a = live.attach_symbol("live_t_add", 7, c).unwrap();
+    let a = live.attach_symbol(EXE, "live_t_add", 7, c).unwrap();
     live.run_optimizer();
     assert!(
         matches!(
-            live.optimization(add.addr + 7),
+            live.optimization(add_addr + 7),
             Optimization::Breakpoint(WhyBreakpoint::NotOptimizable(_))
         ),
         "{:?}",
-        live.optimization(add.addr + 7)
+        live.optimization(add_addr + 7)
     );
     live.detach(a).unwrap();
     live.run_optimizer();
-    assert_eq!(live.optimization(add.addr + 7), Optimization::NotProbed);
+    assert_eq!(live.optimization(add_addr + 7), Optimization::NotProbed);
 }

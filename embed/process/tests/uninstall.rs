@@ -3,7 +3,7 @@
 
 #![cfg(all(target_arch = "x86_64", target_os = "linux"))]
 
-use probe_process::live::{Consumer, Live, LiveError, Regs};
+use probe_process::live::{Consumer, EXE, Live, LiveError, Regs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -45,11 +45,11 @@ fn uninstall_takes_every_probe_out_and_gives_the_handlers_back() {
         )
     };
     let live = Live::install().expect("install");
-    let at = live.symbol("un_t_add").expect("symbol");
-    let size = live.function("un_t_add").expect("function").size as usize;
+    let at = live.symbol(EXE, "un_t_add").expect("symbol");
+    let size = live.function(EXE, "un_t_add").expect("function").size as usize;
     let original = code(at, size);
     let ret = *live
-        .instruction_boundaries("un_t_add")
+        .instruction_boundaries(EXE, "un_t_add")
         .unwrap()
         .last()
         .unwrap();

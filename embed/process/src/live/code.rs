@@ -21,17 +21,17 @@ impl CodeWriter for ProcMem {
     }
 }
 
-/// The process's code as the optimizer's [`CodeSpace`].
+/// The process's code as the optimizer's [`CodeSpace`]: every executable file mapping.
 pub(super) struct ProcessCode {
-    pub(super) image: Image,
+    /// The images of the objects mapped (or probed) so far.
+    pub(super) images: Images,
+    /// The process's file mappings, from `/proc/self/maps`: the hit path resolves an address to
+    /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free;
+    /// the writers find an address's object and function through it.
+    pub(super) mm: AddressSpace,
     pub(super) mem: ProcMem,
-    /// XOL copies and trampolines (the optimizer calls `prepare_detour` with its lock held, from
-    /// inside `attach`, so the area has its own lock).
-    pub(super) area: Mutex<XolArea>,
-    /// Where the area's executable view is, for the quiescence scan (immutable).
-    pub(super) area_range: (u64, u64),
-    /// Freed trampolines, reusable (they were freed after a quiescence wait).
-    pub(super) free_trampolines: Mutex<Vec<u64>>,
+    /// XOL copies and trampolines, in areas near the code they serve.
+    pub(super) areas: Areas,
     /// Jump ranges of prepared detours: a thread stopped strictly inside one must not resume
     /// after its jump goes in (the quiescence scan reads this).
     pub(super) ranges: RangeTable,
@@ -40,8 +40,6 @@ pub(super) struct ProcessCode {
     pub(super) xstate: XState,
     /// Probe address → its [`ProbeCtx`] (XOL copy, consumer list for trampolines).
     pub(super) xol_map: XolMap,
-    /// Per 64-byte block of the area: for an XOL copy, where it jumps back to (0 otherwise).
-    pub(super) slot_resume: Box<[AtomicU64]>,
     /// Trampolines whose jump was taken out (found in `patch`), until `free_detour`.
     pub(super) retiring: Box<[AtomicU64]>,
     /// Statistics (Relaxed counters, writer side only).
@@ -72,13 +70,9 @@ impl ProcessCode {
         if self.ranges.inside(rip) {
             return true;
         }
-        let (lo, hi) = self.area_range;
-        if rip < lo || rip >= hi {
+        let Some((lo, resume)) = self.areas.resume_of(rip) else {
             return false;
-        }
-        let block = ((rip - lo) / 64) as usize;
-        // Acquire pairs with the Release store in `Live::attach`.
-        let resume = self.slot_resume[block].load(Ordering::Acquire);
+        };
         if resume != 0 {
             return self.ranges.inside(resume);
         }
@@ -109,22 +103,54 @@ impl ProcessCode {
     }
 }
 
+impl ProcessCode {
+    /// Where `addr` is now: its object's image and its file offset (writers: takes the model's
+    /// lock).
+    pub(super) fn locate(&self, addr: u64) -> Option<(Arc<Image>, u64)> {
+        let (object, offset) = self.mm.locked_find(addr, |v| {
+            v.filter(|v| v.flags.contains(probe_core::mm::VmFlags::EXEC))
+                .map(|v| (v.object, v.offset_of(addr)))
+        })?;
+        Some((self.images.get(object)?, offset))
+    }
+
+    /// The function containing `addr`, as mapped now: its runtime start and its original bytes.
+    pub(super) fn function_code(&self, addr: u64) -> Option<(u64, Vec<u8>)> {
+        let (image, off) = self.locate(addr)?;
+        let &(start, end, _) = image.function_at(off)?;
+        let mut func = std::vec![0u8; usize::try_from(end - start).ok()?];
+        image.original(start, &mut func)?;
+        Some((addr - (off - start), func))
+    }
+
+    /// Where file offset `offset` of `object` is mapped executable now, if it is.
+    pub(super) fn address_of(&self, key: ProbeKey) -> Option<u64> {
+        self.mm.mappings().iter().find_map(|m| {
+            (m.object == key.object
+                && m.flags.contains(probe_core::mm::VmFlags::EXEC)
+                && key.offset >= m.pgoff
+                && key.offset - m.pgoff < m.end - m.start)
+                .then(|| m.start + (key.offset - m.pgoff))
+        })
+    }
+}
+
 impl CodeSpace for ProcessCode {
     type Arch = X86_64;
 
     fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        self.image
-            .original(addr, buf)
+        let (image, off) = self
+            .locate(addr)
+            .ok_or(probe_core::Error::OffsetOutOfRange)?;
+        image
+            .original(off, buf)
             .ok_or(probe_core::Error::OffsetOutOfRange)
     }
 
     fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
-        let &(start, end, _) = self
-            .image
-            .function_at(addr)
+        let (start, func) = self
+            .function_code(addr)
             .ok_or(probe_core::Error::OffsetOutOfRange)?;
-        let mut func = std::vec![0u8; (end - start) as usize];
-        self.read_original(start, &mut func)?;
         insn::check_boundary(&func, start, addr)
     }
 
@@ -141,43 +167,30 @@ impl CodeSpace for ProcessCode {
     fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
         // The trampoline hands its hit this probe's context directly (attach made it).
         let ctx = self.xol_map.get(addr).ok_or(NotOptimizable::Unsupported)?;
-        let &(start, end, _) = self
-            .image
-            .function_at(addr)
-            .ok_or(NotOptimizable::TooShort)?;
-        let mut func = std::vec![0u8; (end - start) as usize];
-        self.image
-            .original(start, &mut func)
-            .ok_or(NotOptimizable::TooShort)?;
+        let (start, func) = self.function_code(addr).ok_or(NotOptimizable::TooShort)?;
         let range = probe_arch_x86_64::detour::analyze(&func, start, addr)?;
-        let reused = self
-            .free_trampolines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop();
+        let (at, reused) = self
+            .areas
+            .alloc_trampoline(addr, TRAMPOLINE)
+            .ok_or(NotOptimizable::NoMemory)?;
         // Relaxed: statistics.
         self.trampolines_made.fetch_add(1, Ordering::Relaxed);
-        let at = match reused {
-            Some(at) => {
-                // Relaxed: statistics.
-                self.trampolines_reused.fetch_add(1, Ordering::Relaxed);
-                at
-            }
-            None => {
-                let mut area = self.area.lock().unwrap_or_else(|e| e.into_inner());
-                area.alloc(TRAMPOLINE).ok_or(NotOptimizable::NoMemory)?
-            }
+        if reused {
+            // Relaxed: statistics.
+            self.trampolines_reused.fetch_add(1, Ordering::Relaxed);
+        }
+        let built = trampoline(at, ctx, self.xstate.size, &range)
+            .ok()
+            .and_then(|(code, displaced)| Some((code, displaced, range.jump_bytes(at)?)));
+        let Some((code, displaced, jump)) = built else {
+            self.areas.free_trampoline(at);
+            return Err(NotOptimizable::OutOfReach);
         };
-        let (code, displaced) = trampoline(at, ctx, self.xstate.size, &range)
-            .map_err(|_| NotOptimizable::OutOfReach)?;
-        let jump = range.jump_bytes(at).ok_or(NotOptimizable::OutOfReach)?;
         if !self.ranges.insert(at, addr, addr + range.len() as u64) {
+            self.areas.free_trampoline(at);
             return Err(NotOptimizable::NoMemory);
         }
-        self.area
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(at, &code);
+        self.areas.write(at, &code);
         Ok(Detour {
             len: range.len() as u8,
             jump,
@@ -197,15 +210,33 @@ impl CodeSpace for ProcessCode {
                 r.store(0, Ordering::Relaxed);
             }
         }
-        self.free_trampolines
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(detour.trampoline);
+        self.areas.free_trampoline(detour.trampoline);
         // Relaxed: statistics.
         self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
     }
 
     fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
+        // A site whose object is no longer mapped there (`dlclose`, then perhaps another file
+        // at that address) has no code of ours left to change: its patch is done by leaving it
+        // alone — the pages went with the mapping, and writing there now could only corrupt
+        // whatever is mapped there next. Linux's uprobes get this from the mm; we check the
+        // model, which `refresh_mappings` keeps (the window between the program's `munmap`
+        // and our refresh is the one place this can be wrong: a write there fails with EIO,
+        // and the batch rolls back and is retried).
+        let live: Vec<Patch> = batch
+            .iter()
+            .filter(|p| {
+                let here = self.mm.locked_find(p.addr, |v| v.map(|v| v.object));
+                let ours = self
+                    .xol_map
+                    .get(p.addr)
+                    // Relaxed: written under the writer lock, which our caller holds too.
+                    .map(|c| ObjectId(c.object.load(Ordering::Relaxed)));
+                here.is_some() && here == ours
+            })
+            .copied()
+            .collect();
+        let batch = &live[..];
         // All or nothing: a failed batch was rolled back, and its trampolines stay in use.
         patch_batch(&self.mem, batch)?;
         // A jump gone out cuts its trampoline off: from now until it is freed, a thread found

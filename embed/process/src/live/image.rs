@@ -1,32 +1,47 @@
-//! The executable as loaded (bytes, segments, functions from `.symtab`) and the lines of
-//! `/proc/self/maps` the address-space model is filled from.
+//! Object images: every executable file the process maps (the executable, its shared libraries,
+//! what `dlopen` maps later), read from its file once, with its functions from `.symtab` and
+//! `.dynsym`; and the lines of `/proc/self/maps` the address-space model is filled from.
+//!
+//! An image is keyed the way a probe is: by the file's identity ([`ObjectId`], device and inode)
+//! and file offsets. Nothing in it is a runtime address, because the same file may be mapped at
+//! another address after a `dlclose` and `dlopen`: runtime addresses come from the address-space
+//! model's mappings (`Mapped`), which say where each file offset is now.
 
 use super::*;
 
-/// The executable as loaded: its bytes (the original code), segments, functions, load bias.
+/// One ELF file as the process maps it: its bytes (the original code), its loadable segments
+/// and its functions, all in file offsets.
 pub(super) struct Image {
+    /// The path it was read from (what `/proc/self/maps` names).
+    pub(super) path: String,
+    /// Its identity (device and inode), the object of its probes' keys.
+    pub(super) id: ObjectId,
     pub(super) bytes: Vec<u8>,
-    /// (vaddr, file offset, file size), link-time addresses.
-    pub(super) segments: Vec<(u64, u64, u64)>,
-    /// (runtime start, runtime end, name), sorted by start, one per address (for lookups by
-    /// address).
-    pub(super) functions: Vec<(u64, u64, String)>,
+    /// (link address, file offset, file size) of each loadable segment.
+    segments: Vec<(u64, u64, u64)>,
+    /// (start, end, name) in file offsets, sorted by start, one per start (lookups by offset).
+    functions: Vec<(u64, u64, String)>,
     /// Every function symbol, aliases included (folded identical code has several names at one
     /// address; compiler clones such as `f.constprop.0` are names of their own), sorted by
-    /// (start, name).
+    /// (start, name), in file offsets.
     pub(super) names: Vec<(u64, u64, String)>,
-    pub(super) bias: u64,
-    pub(super) inode: u64,
 }
 
 impl Image {
-    pub(super) fn load() -> Result<Self, LiveError> {
+    /// Reads the file at `path`, which must be the object `id` (a file replaced on disk since it
+    /// was mapped is refused rather than read as the wrong code).
+    pub(super) fn load(path: &str, id: ObjectId) -> Result<Self, LiveError> {
         use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
-        let exe = |e: &dyn fmt::Display| LiveError::Executable(e.to_string());
-        let meta = std::fs::metadata("/proc/self/exe").map_err(|e| exe(&e))?;
-        let inode = object_id(libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino()).0;
-        let bytes = std::fs::read("/proc/self/exe").map_err(|e| exe(&e))?;
-        let obj = object::File::parse(&*bytes).map_err(|e| exe(&e))?;
+        let bad = |e: &dyn fmt::Display| LiveError::Object {
+            path: path.to_string(),
+            why: e.to_string(),
+        };
+        let meta = std::fs::metadata(path).map_err(|e| bad(&e))?;
+        if object_of(&meta) != id {
+            return Err(bad(&"the file was replaced since it was mapped"));
+        }
+        let bytes = std::fs::read(path).map_err(|e| bad(&e))?;
+        let obj = object::File::parse(&*bytes).map_err(|e| bad(&e))?;
         let segments: Vec<(u64, u64, u64)> = obj
             .segments()
             .map(|s| {
@@ -34,65 +49,161 @@ impl Image {
                 (s.address(), off, size)
             })
             .collect();
-        // The bias: where the mapping of file offset 0 starts, minus the segment's address.
-        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| exe(&e))?;
-        let start = maps
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let ino = parse_maps_line(l)?.object.0;
-                let off = u64::from_str_radix(f.get(2)?, 16).ok()?;
-                let start = u64::from_str_radix(f.first()?.split('-').next()?, 16).ok()?;
-                (ino == inode && off == 0).then_some(start)
+        let to_off = |vaddr: u64| {
+            segments.iter().find_map(|&(va, off, size)| {
+                (vaddr >= va && vaddr - va < size).then(|| off + (vaddr - va))
             })
-            .ok_or_else(|| LiveError::Executable("not in /proc/self/maps".into()))?;
-        let seg0 = segments.iter().find(|s| s.1 == 0).map_or(0, |s| s.0);
-        let bias = start.wrapping_sub(seg0 & !0xFFF);
-        let mut functions: Vec<(u64, u64, String)> = obj
+        };
+        let mut names: Vec<(u64, u64, String)> = obj
             .symbols()
             .chain(obj.dynamic_symbols())
             .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
             .filter_map(|s| {
-                let a = s.address().wrapping_add(bias);
-                Some((a, a.checked_add(s.size())?, s.name().ok()?.to_string()))
+                let start = to_off(s.address())?;
+                Some((
+                    start,
+                    start.checked_add(s.size())?,
+                    s.name().ok()?.to_string(),
+                ))
             })
             .collect();
-        functions.sort();
-        functions.dedup();
-        let names = functions.clone();
+        names.sort();
+        names.dedup();
+        let mut functions = names.clone();
         functions.dedup_by_key(|f| f.0);
         Ok(Self {
+            path: path.to_string(),
+            id,
             bytes,
             segments,
             functions,
             names,
-            bias,
-            inode,
         })
     }
 
-    /// The file offset of runtime address `addr`, if a segment holds it in the file.
-    pub(super) fn file_offset(&self, addr: u64) -> Option<u64> {
-        let link = addr.wrapping_sub(self.bias);
-        self.segments.iter().find_map(|&(va, off, size)| {
-            (link >= va && link - va < size).then(|| off + (link - va))
-        })
-    }
-
-    pub(super) fn original(&self, addr: u64, buf: &mut [u8]) -> Option<()> {
-        let off = usize::try_from(self.file_offset(addr)?).ok()?;
+    /// The original bytes at file offset `off`.
+    pub(super) fn original(&self, off: u64, buf: &mut [u8]) -> Option<()> {
+        let off = usize::try_from(off).ok()?;
         buf.copy_from_slice(self.bytes.get(off..off.checked_add(buf.len())?)?);
         Some(())
     }
 
-    pub(super) fn function_at(&self, addr: u64) -> Option<&(u64, u64, String)> {
+    /// The function containing file offset `off`: (start, end, name) in file offsets.
+    pub(super) fn function_at(&self, off: u64) -> Option<&(u64, u64, String)> {
         let i = self
             .functions
-            .partition_point(|f| f.0 <= addr)
+            .partition_point(|f| f.0 <= off)
             .checked_sub(1)?;
         let f = &self.functions[i];
-        (addr < f.1).then_some(f)
+        (off < f.1).then_some(f)
     }
+
+    /// The function named `name` (any alias): (start, end) in file offsets.
+    pub(super) fn named(&self, name: &str) -> Option<(u64, u64)> {
+        self.names.iter().find(|f| f.2 == name).map(|f| (f.0, f.1))
+    }
+
+    /// The link address of file offset `off` (for tools that print link addresses).
+    #[allow(dead_code)]
+    pub(super) fn link_address(&self, off: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find_map(|&(va, o, size)| (off >= o && off - o < size).then(|| va + (off - o)))
+    }
+}
+
+/// The images read so far, by object (an object unmapped and mapped again keeps its image),
+/// and which objects are mapped executable now (writers only; never the hit path).
+pub(super) struct Images {
+    list: Mutex<Vec<Arc<Image>>>,
+    /// (object, path) of every executable file mapping, as of the last `refresh_mappings`, in
+    /// maps order (the executable first).
+    mapped: Mutex<Vec<(ObjectId, String)>>,
+}
+
+impl Images {
+    pub(super) fn new() -> Self {
+        Self {
+            list: Mutex::new(Vec::new()),
+            mapped: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The image of `id`, read from `path` the first time.
+    pub(super) fn get_or_load(&self, id: ObjectId, path: &str) -> Result<Arc<Image>, LiveError> {
+        let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = list.iter().find(|i| i.id == id) {
+            return Ok(i.clone());
+        }
+        let image = Arc::new(Image::load(path, id)?);
+        list.push(image.clone());
+        Ok(image)
+    }
+
+    /// The image of `id`: read already, or read now from the path it is mapped from.
+    pub(super) fn get(&self, id: ObjectId) -> Option<Arc<Image>> {
+        {
+            let list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = list.iter().find(|i| i.id == id) {
+                return Some(i.clone());
+            }
+        }
+        let path = {
+            let mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+            mapped.iter().find(|m| m.0 == id)?.1.clone()
+        };
+        self.get_or_load(id, &path).ok()
+    }
+
+    /// Records the executable file mappings read from the maps (`refresh_mappings`).
+    pub(super) fn set_mapped(&self, now: Vec<(ObjectId, String)>) {
+        *self.mapped.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
+    /// The paths of the objects mapped executable now, each once, in maps order.
+    pub(super) fn mapped_paths(&self) -> Vec<String> {
+        let mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<String> = Vec::new();
+        for (_, p) in mapped.iter() {
+            if !out.contains(p) {
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// The mapped object `name` names (a path, through symlinks; or a file name, with or
+    /// without the version suffix: `libz.so.1` names `libz.so.1.2.13`), read if need be.
+    pub(super) fn mapped_named(&self, name: &str) -> Result<Option<Arc<Image>>, LiveError> {
+        let found = {
+            let mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+            if name.contains('/') {
+                let Ok(meta) = std::fs::metadata(name) else {
+                    return Ok(None);
+                };
+                let id = object_of(&meta);
+                mapped.iter().find(|m| m.0 == id).cloned()
+            } else {
+                mapped
+                    .iter()
+                    .find(|m| file_name_matches(&m.1, name))
+                    .cloned()
+            }
+        };
+        match found {
+            Some((id, path)) => self.get_or_load(id, &path).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Whether the file name of `path` is `name`, or `name` followed by a version suffix.
+fn file_name_matches(path: &str, name: &str) -> bool {
+    let file = path.rsplit('/').next().unwrap_or("");
+    file == name
+        || file
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('.'))
 }
 
 /// An object's identity: its device and inode, folded into one `u64` (device numbers in the top
@@ -105,40 +216,65 @@ pub(super) fn object_id(major: u32, minor: u32, inode: u64) -> ObjectId {
     )
 }
 
-/// What is mapped at `addr` when it is not in a function of the executable: the error that says
-/// so (reads `/proc/self/maps`; not for the hit path).
-pub(super) fn why_not_probeable(addr: u64, exe_inode: u64) -> LiveError {
+/// The identity of the file `meta` describes.
+pub(super) fn object_of(meta: &std::fs::Metadata) -> ObjectId {
+    object_id(libc::major(meta.dev()), libc::minor(meta.dev()), meta.ino())
+}
+
+/// One line of `/proc/self/maps`, parsed: `start-end perms offset major:minor inode path`.
+pub(super) struct MapsLine<'a> {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) exec: bool,
+    /// The file-backed mapping as the model holds it (`None`: anonymous).
+    pub(super) vma: Option<probe_core::mm::VmaInfo>,
+    pub(super) path: &'a str,
+}
+
+pub(super) fn maps_line(l: &str) -> Option<MapsLine<'_>> {
+    let f: Vec<&str> = l.split_whitespace().collect();
+    let (lo, hi) = f.first()?.split_once('-')?;
+    Some(MapsLine {
+        start: u64::from_str_radix(lo, 16).ok()?,
+        end: u64::from_str_radix(hi, 16).ok()?,
+        exec: f.get(1).is_some_and(|p| p.as_bytes().get(2) == Some(&b'x')),
+        vma: parse_maps_line(l),
+        path: maps_path(l),
+    })
+}
+
+/// The path field of a maps line: everything after the fifth field (a path may hold spaces,
+/// and a deleted file ends in ` (deleted)`).
+pub(super) fn maps_path(l: &str) -> &str {
+    let mut rest = l;
+    for _ in 0..5 {
+        rest = rest.trim_start();
+        rest = rest.find(char::is_whitespace).map_or("", |i| &rest[i..]);
+    }
+    rest.trim()
+}
+
+/// What is mapped at `addr` when no probe can go there: the error that says so (reads
+/// `/proc/self/maps`; not for the hit path).
+pub(super) fn why_not_probeable(addr: u64) -> LiveError {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return LiveError::NoFunctionAt(addr);
     };
-    for l in maps.lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let Some((lo, hi)) = f.first().and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
-            continue;
-        };
-        if addr < lo || addr >= hi {
+    for m in maps.lines().filter_map(maps_line) {
+        if addr < m.start || addr >= m.end {
             continue;
         }
-        let path = f.get(5).copied().unwrap_or("");
-        let exec = f.get(1).is_some_and(|p| p.as_bytes().get(2) == Some(&b'x'));
-        return match parse_maps_line(l) {
-            _ if path == "[vdso]" || path == "[vsyscall]" => LiveError::Vdso(addr),
+        return match m.vma {
+            _ if m.path == "[vdso]" || m.path == "[vsyscall]" => LiveError::Vdso(addr),
             None => LiveError::Anonymous(addr),
-            Some(_) if !exec => LiveError::NotExecutable(addr),
-            Some(v) if v.object.0 != exe_inode => LiveError::OtherObject {
-                addr,
-                path: path.to_string(),
-            },
+            Some(_) if !m.exec => LiveError::NotExecutable(addr),
             Some(_) => LiveError::NoFunctionAt(addr),
         };
     }
     LiveError::NotMapped(addr)
 }
 
-/// One file-backed line of `/proc/self/maps`: `start-end perms offset major:minor inode path`.
+/// One file-backed line of `/proc/self/maps` as the address-space model holds it.
 pub(super) fn parse_maps_line(l: &str) -> Option<probe_core::mm::VmaInfo> {
     use probe_core::mm::{VmFlags, VmaInfo};
     let f: Vec<&str> = l.split_whitespace().collect();

@@ -162,13 +162,21 @@ impl Hook {
     }
 }
 
-/// A function symbol of the executable ([`Live::functions`]).
+/// The executable, as an object name for [`Live::attach_symbol`], [`Live::function`] and
+/// [`Live::functions`] (a path that names it in every process).
+pub const EXE: &str = "/proc/self/exe";
+
+/// A function symbol of a mapped object ([`Live::functions`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Function {
     /// Its name, exactly as in the symbol table (an alias is an entry of its own).
     pub name: String,
-    /// Its runtime address.
-    pub addr: u64,
+    /// The object's path.
+    pub object: String,
+    /// Its file offset in the object (what a probe on it is keyed by).
+    pub offset: u64,
+    /// Its runtime address, if the object is mapped executable now.
+    pub addr: Option<u64>,
     /// Its size in bytes.
     pub size: u64,
 }
@@ -213,12 +221,24 @@ pub enum LiveError {
         /// `errno`.
         errno: i32,
     },
-    /// The executable could not be read or parsed.
-    Executable(String),
-    /// No function symbol of that name (the name given).
-    NoSymbol(String),
-    /// No function symbol of the executable contains that address (it is in the executable's
-    /// code, between functions).
+    /// An object's file could not be read or parsed (or `/proc/self/maps` could not be read).
+    Object {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
+    /// No object of that name is mapped (and the name is not a path to an ELF file).
+    NoObject(String),
+    /// No function symbol of that name in that object.
+    NoSymbol {
+        /// The object, as given.
+        object: String,
+        /// The symbol, as given.
+        name: String,
+    },
+    /// No function symbol of the object mapped there contains that address (it is in code,
+    /// between functions).
     NoFunctionAt(u64),
     /// Nothing is mapped at that address.
     NotMapped(u64),
@@ -228,14 +248,6 @@ pub enum LiveError {
     Anonymous(u64),
     /// The address is mapped but not executable.
     NotExecutable(u64),
-    /// The address is in another mapped file (a shared library): this embedding probes the
-    /// executable only, so far.
-    OtherObject {
-        /// The address.
-        addr: u64,
-        /// The file mapped there.
-        path: String,
-    },
     /// The instruction there cannot be probed.
     Refused(Refusal),
     /// probe-core refused (inside an instruction, already a trap there, no memory, …).
@@ -253,12 +265,18 @@ impl fmt::Display for LiveError {
         match self {
             Self::AlreadyInstalled => f.write_str("live probes are already installed"),
             Self::Os { what, errno } => write!(f, "{what}: errno {errno}"),
-            Self::Executable(e) => write!(f, "reading the executable: {e}"),
-            Self::NoSymbol(name) => write!(
+            Self::Object { path, why } => write!(f, "reading {path}: {why}"),
+            Self::NoObject(name) => write!(
                 f,
-                "no function symbol named `{name}` in the executable (names are spelled exactly, compiler clones such as `f.constprop.0` included; `Live::functions` lists them)"
+                "no mapped object is named `{name}` (give a path, a file name such as `libz.so.1`, or `live::EXE`)"
             ),
-            Self::NoFunctionAt(a) => write!(f, "no function of the executable contains {a:#x}"),
+            Self::NoSymbol { object, name } => write!(
+                f,
+                "no function symbol named `{name}` in {object} (names are spelled exactly, compiler clones such as `f.constprop.0` included; `Live::functions` lists them)"
+            ),
+            Self::NoFunctionAt(a) => {
+                write!(f, "no function of the object mapped at {a:#x} contains it")
+            }
             Self::NotMapped(a) => write!(f, "nothing is mapped at {a:#x}"),
             Self::Vdso(a) => write!(
                 f,
@@ -269,10 +287,6 @@ impl fmt::Display for LiveError {
                 "{a:#x} is in anonymous memory (heap, stack or generated code), which has no file to key a probe by"
             ),
             Self::NotExecutable(a) => write!(f, "{a:#x} is mapped but not executable"),
-            Self::OtherObject { addr, path } => write!(
-                f,
-                "{addr:#x} is in {path}; this embedding probes the executable's own functions only"
-            ),
             Self::Refused(r) => write!(f, "cannot probe this instruction: {r}"),
             Self::Core(e) => write!(f, "{e}"),
             Self::Full => f.write_str("the XOL area is full"),
@@ -345,6 +359,10 @@ type Reg = Registry<Hook, Arc<SlotRcu>>;
 /// reader of the registry (to read a probe's consumers when its hit list is rebuilt).
 struct Writer {
     reader: <SlotRcu as Rcu>::Reader<'static>,
+    /// Every probe armed in the code now: its key and where its object has it mapped. A key
+    /// with consumers whose object is not mapped is in the registry only (armed again when it
+    /// is mapped: `refresh_mappings`).
+    armed: std::collections::BTreeMap<ProbeKey, u64>,
 }
 
 /// Per probed address, for the life of the process (like its XOL copy, which it names): what a
@@ -359,9 +377,14 @@ struct Writer {
 /// * INVARIANT: `list` is null exactly while the probe has no consumer (the last detach clears it
 ///   before the optimizer hears of it), so a trampoline still in the code after its probe was
 ///   unregistered fires nothing — the optimizer's `on_trampoline` answer, without its lookup.
+/// * INVARIANT: `xol` and `object` change only while no probe is armed at `addr` (a different
+///   object mapped there since), so no hit reads them mid-change.
 struct ProbeCtx {
     addr: u64,
-    xol: u64,
+    /// The address's XOL copy (for the object `object`).
+    xol: AtomicU64,
+    /// The object whose code at `addr` the copy and the probe are for.
+    object: AtomicU64,
     list: AtomicPtr<HitList>,
 }
 
@@ -376,9 +399,11 @@ std::thread_local! {
     /// The trampoline whose consumers this thread is running (its return address is inside it),
     /// and how deep such calls are nested: the quiescence scan counts the thread as inside it.
     static IN_TRAMPOLINE: core::cell::Cell<(u64, u32)> = const { core::cell::Cell::new((0, 0)) };
-    /// Set while this thread writes the address-space model: a trap taken by this very thread
-    /// then must not wait for the write to end (it never would).
-    static IN_MM_WRITE: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+    /// Set while this thread writes the address-space model, to the mappings as they were
+    /// before the write: a trap taken by this very thread then must not wait for the write to
+    /// end (it never would), and resolves in these instead.
+    static IN_MM_WRITE: core::cell::Cell<*const [probe_core::mm::VmaInfo]> =
+        const { core::cell::Cell::new(&[] as *const [probe_core::mm::VmaInfo]) };
 }
 
 /// The live embedding. One per process: [`Live::install`].
@@ -387,9 +412,6 @@ pub struct Live {
     reg: &'static Reg,
     pool: Box<[Pooled]>,
     writer: Mutex<Writer>,
-    /// The process's file mappings, from `/proc/self/maps`: the hit path resolves an address to
-    /// its (object, file offset) key by speculating on it (core's seqcount protocol), lock-free.
-    mm: AddressSpace,
     previous: libc::sigaction,
     /// The quiescence signal's disposition before [`Live::install`] (restored by `uninstall`).
     previous_quiesce: libc::sigaction,
@@ -413,7 +435,7 @@ static OPTIMIZER_THREAD: OnceLock<std::thread::Thread> = OnceLock::new();
 /// [`Live::detach`].
 #[derive(Clone)]
 pub struct Attached {
-    addr: u64,
+    addr: Option<u64>,
     key: ProbeKey,
     consumer: Arc<Hook>,
 }
@@ -421,15 +443,17 @@ pub struct Attached {
 impl fmt::Debug for Attached {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Attached")
-            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("addr", &self.addr.map(|a| format!("{a:#x}")))
             .field("key", &self.key)
             .finish_non_exhaustive()
     }
 }
 
 impl Attached {
-    /// The probed address.
-    pub fn addr(&self) -> u64 {
+    /// Where the probe was armed when it was attached (`None`: its object was not mapped
+    /// then). A probe follows its object, so after a `dlclose` and `dlopen` it may be armed
+    /// elsewhere: [`Live::address_of`] says where it is now.
+    pub fn addr(&self) -> Option<u64> {
         self.addr
     }
     /// Its (inode, file offset) key.
@@ -444,7 +468,7 @@ impl Live {
     /// the XOL area near the code. Once per process.
     ///
     /// ```no_run
-    /// use probe_process::live::{Consumer, Live, Regs};
+    /// use probe_process::live::{Consumer, EXE, Live, Regs};
     /// use std::sync::Arc;
     /// use std::sync::atomic::{AtomicU64, Ordering};
     ///
@@ -456,7 +480,7 @@ impl Live {
     /// let consumer: Arc<Consumer> = Arc::new(move |r: &Regs| {
     ///     h.fetch_add(r.rdi & 1, Ordering::Relaxed);
     /// });
-    /// let probe = live.attach_symbol("my_function", 0, consumer)?; // or `attach(addr, …)`
+    /// let probe = live.attach_symbol(EXE, "my_function", 0, consumer)?; // or `attach(addr, …)`
     /// // … threads call my_function: a breakpoint hit now, a jump hit once optimized …
     /// live.detach(probe)?; // original bytes back; the consumer never runs again
     /// # Ok::<(), probe_process::live::LiveError>(())
@@ -482,27 +506,24 @@ impl Live {
             return Err(LiveError::AlreadyInstalled);
         }
         membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE)?;
-        let image = Image::load()?;
-        let near = image.functions.first().map_or(0, |f| f.0);
-        let xol = XolArea::map(near)?;
-        let area_range = (xol.rx, xol.rx + xol.len as u64);
         let mem = File::options()
             .read(true)
             .write(true)
             .open("/proc/self/mem")
-            .map_err(|e| LiveError::Executable(e.to_string()))?;
+            .map_err(|e| LiveError::Object {
+                path: "/proc/self/mem".into(),
+                why: e.to_string(),
+            })?;
         let rcu = Arc::new(hit_rcu());
         let opt: &'static Opt = Box::leak(Box::new(Optimizer::new(
             ProcessCode {
-                image,
+                images: Images::new(),
+                mm: AddressSpace::new(MmId(1)),
                 mem: ProcMem(mem),
-                area: Mutex::new(xol),
-                area_range,
-                free_trampolines: Mutex::new(Vec::new()),
+                areas: Areas::new(),
                 ranges: RangeTable::new(),
                 xstate,
                 xol_map: XolMap::new(),
-                slot_resume: (0..XOL_AREA / 64).map(|_| AtomicU64::new(0)).collect(),
                 retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
                 trampolines_made: AtomicU64::new(0),
                 trampolines_reused: AtomicU64::new(0),
@@ -539,14 +560,17 @@ impl Live {
             pool: pool.into_boxed_slice(),
             writer: Mutex::new(Writer {
                 reader: reg.rcu().register()?,
+                armed: std::collections::BTreeMap::new(),
             }),
-            mm: AddressSpace::new(MmId(1)),
             previous,
             previous_quiesce,
             attached: Mutex::new(Vec::new()),
             uninstalled: AtomicBool::new(false),
         }));
-        live.refresh_locked()?;
+        {
+            let mut w = live.writer.lock().unwrap_or_else(|e| e.into_inner());
+            live.refresh_locked(&mut w, false)?;
+        }
         // Publish before the handler can run.
         let _ = LIVE.set(live);
         // SAFETY: installing a handler that follows the rules in the module docs.
@@ -573,64 +597,110 @@ impl Live {
         Ok(live)
     }
 
-    /// The runtime address of function `name` in the executable.
-    pub fn symbol(&self, name: &str) -> Option<u64> {
-        self.function(name).map(|f| f.addr)
+    /// The image of the object named `object` ([`EXE`], a path, or a file name such as
+    /// `libz.so.1`): a mapped one, else (a path only) the file, read now.
+    fn image_named(&self, object: &str) -> Result<Arc<Image>, LiveError> {
+        let space = self.opt.space();
+        {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            self.refresh_locked(&mut w, false)?;
+        }
+        if let Some(i) = space.images.mapped_named(object)? {
+            return Ok(i);
+        }
+        if object.contains('/') {
+            let meta = std::fs::metadata(object).map_err(|_| LiveError::NoObject(object.into()))?;
+            return space.images.get_or_load(image::object_of(&meta), object);
+        }
+        Err(LiveError::NoObject(object.into()))
     }
 
-    /// The function named `name` (any of its aliases).
-    pub fn function(&self, name: &str) -> Option<Function> {
-        self.opt
-            .space()
-            .image
-            .names
-            .iter()
-            .find(|f| f.2 == name)
-            .map(|f| Function {
-                name: f.2.clone(),
-                addr: f.0,
-                size: f.1 - f.0,
-            })
+    /// Where the object `image` is mapped, as a bias added to a file offset (`None`: unmapped).
+    fn runtime(&self, image: &Image, off: u64) -> Option<u64> {
+        self.opt.space().address_of(ProbeKey {
+            object: image.id,
+            offset: off,
+        })
     }
 
-    /// Every function symbol of the executable with its address and size, aliases included
-    /// (several names at one address are several entries), sorted by address, then name.
-    pub fn functions(&self) -> Vec<Function> {
-        self.opt
-            .space()
-            .image
-            .names
-            .iter()
-            .map(|f| Function {
-                name: f.2.clone(),
-                addr: f.0,
-                size: f.1 - f.0,
-            })
-            .collect()
+    /// The runtime address of function `name` of `object` (see [`Live::function`]).
+    pub fn symbol(&self, object: &str, name: &str) -> Option<u64> {
+        self.function(object, name).ok().and_then(|f| f.addr)
     }
 
-    /// The offsets of every instruction boundary of the function `name` (0 first): the places a
-    /// probe may go.
+    /// The function named `name` (any of its aliases) in the object named `object`: [`EXE`]
+    /// for the executable, a path, or the file name of a mapped object (`libz.so.1` names
+    /// `libz.so.1.2.13`).
     ///
     /// # Errors
     ///
-    /// [`LiveError::NoSymbol`]; [`LiveError::Refused`] if the function does not decode to its
-    /// end (the refusal says why).
-    pub fn instruction_boundaries(&self, name: &str) -> Result<Vec<u64>, LiveError> {
-        let f = self
-            .function(name)
-            .ok_or_else(|| LiveError::NoSymbol(name.into()))?;
-        let mut code = std::vec![0u8; f.size as usize];
-        self.opt
-            .space()
-            .image
-            .original(f.addr, &mut code)
-            .ok_or(LiveError::NoFunctionAt(f.addr))?;
+    /// [`LiveError::NoObject`], [`LiveError::NoSymbol`], [`LiveError::Object`] (unreadable).
+    pub fn function(&self, object: &str, name: &str) -> Result<Function, LiveError> {
+        let image = self.image_named(object)?;
+        let (start, end) = image.named(name).ok_or_else(|| LiveError::NoSymbol {
+            object: object.into(),
+            name: name.into(),
+        })?;
+        Ok(Function {
+            name: name.into(),
+            object: image.path.clone(),
+            offset: start,
+            addr: self.runtime(&image, start),
+            size: end - start,
+        })
+    }
+
+    /// Every function symbol of `object` (named as in [`Live::function`]) with its address and
+    /// size, aliases included (several names at one address are several entries), sorted by
+    /// address, then name.
+    pub fn functions(&self, object: &str) -> Result<Vec<Function>, LiveError> {
+        let image = self.image_named(object)?;
+        Ok(image
+            .names
+            .iter()
+            .map(|f| Function {
+                name: f.2.clone(),
+                object: image.path.clone(),
+                offset: f.0,
+                addr: self.runtime(&image, f.0),
+                size: f.1 - f.0,
+            })
+            .collect())
+    }
+
+    /// The objects mapped executable now: their paths (the executable first).
+    pub fn objects(&self) -> Result<Vec<String>, LiveError> {
+        {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            self.refresh_locked(&mut w, false)?;
+        }
+        Ok(self.opt.space().images.mapped_paths())
+    }
+
+    /// The offsets of every instruction boundary of the function `name` of `object` (0 first):
+    /// the places a probe may go.
+    ///
+    /// # Errors
+    ///
+    /// As [`Live::function`]; [`LiveError::Refused`] if the function does not decode to its end
+    /// (the refusal says why).
+    pub fn instruction_boundaries(&self, object: &str, name: &str) -> Result<Vec<u64>, LiveError> {
+        let image = self.image_named(object)?;
+        let (start, end) = image.named(name).ok_or_else(|| LiveError::NoSymbol {
+            object: object.into(),
+            name: name.into(),
+        })?;
+        let mut code = std::vec![0u8; (end - start) as usize];
+        image
+            .original(start, &mut code)
+            .ok_or(LiveError::NoFunctionAt(start))?;
+        // Decoded at its runtime address where mapped (RIP-relative lengths do not depend on it).
+        let at = self.runtime(&image, start).unwrap_or(start);
         let mut out = Vec::new();
         let mut off = 0usize;
         while off < code.len() {
             out.push(off as u64);
-            off += insn::length(&code[off..], f.addr + off as u64).map_err(LiveError::Refused)?;
+            off += insn::length(&code[off..], at + off as u64).map_err(LiveError::Refused)?;
         }
         Ok(out)
     }
@@ -651,36 +721,73 @@ impl Live {
         }
     }
 
-    /// Attaches `consumer` to the function `name`, at `offset` bytes into it (any instruction
-    /// boundary).
+    /// Attaches `consumer` to the function `name` of `object` (named as in [`Live::function`]),
+    /// at `offset` bytes into it (any instruction boundary). The probe is keyed by the object's
+    /// file and offset, as a uprobe is: it follows the object — armed in every mapping of it,
+    /// taken out with the mapping at `dlclose`, armed again when the object is mapped again
+    /// ([`Live::refresh_mappings`]). `object` may be a path to an object that is not mapped yet;
+    /// the probe is armed when it is.
+    ///
+    /// ```no_run
+    /// use probe_process::live::{Consumer, Live, Regs};
+    /// use std::sync::Arc;
+    ///
+    /// let live = Live::install()?;
+    /// let seen: Arc<Consumer> = Arc::new(|r: &Regs| { let _ = r.rsi; });
+    /// // zlib's crc32(crc, buf, len): buf in RSI on every call from any thread.
+    /// let probe = live.attach_symbol("libz.so.1", "crc32", 0, seen)?;
+    /// live.detach(probe)?;
+    /// # Ok::<(), probe_process::live::LiveError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Live::function`]; [`probe_core::Error::OffsetOutOfRange`] past the function's end,
+    /// [`probe_core::Error::InsideInstruction`] inside an instruction; then as [`Live::attach`].
     pub fn attach_symbol(
         &self,
+        object: &str,
         name: &str,
         offset: u64,
         consumer: Arc<Consumer>,
     ) -> Result<Attached, LiveError> {
-        let (start, end) = self
-            .opt
-            .space()
-            .image
-            .names
-            .iter()
-            .find(|f| f.2 == name)
-            .map(|f| (f.0, f.1))
-            .ok_or_else(|| LiveError::NoSymbol(name.into()))?;
+        let image = self.image_named(object)?;
+        let (start, end) = image.named(name).ok_or_else(|| LiveError::NoSymbol {
+            object: object.into(),
+            name: name.into(),
+        })?;
         if offset >= end - start {
             // Past the function's end (into the next function, or padding).
             return Err(LiveError::Core(probe_core::Error::OffsetOutOfRange));
         }
-        self.attach(start + offset, consumer)
+        let mut code = std::vec![0u8; (end - start) as usize];
+        image
+            .original(start, &mut code)
+            .ok_or(LiveError::NoFunctionAt(start))?;
+        insn::check_boundary(&code, start, start + offset)?;
+        let key = ProbeKey {
+            object: image.id,
+            offset: start + offset,
+        };
+        self.attach_key(key, Hook::Full(consumer))
     }
 
     /// Attaches `consumer` at `addr`, which must start an instruction of a function in the
-    /// executable's symbol table. Hits on any thread run it from then on, until
-    /// [`Live::detach`]. The consumer may use any register state: its jump-path hits save and
-    /// restore the whole extended state (x87, SSE, AVX, AVX-512, AMX) around it.
+    /// symbol table of the object mapped there (the executable or any shared library). Hits on
+    /// any thread run it from then on, until [`Live::detach`]. The consumer may use any register
+    /// state: its jump-path hits save and restore the whole extended state (x87, SSE, AVX,
+    /// AVX-512, AMX) around it. The probe is keyed by (object, file offset): see
+    /// [`Live::attach_symbol`] for what happens when the object is unmapped and mapped again.
+    ///
+    /// # Errors
+    ///
+    /// [`LiveError::NotMapped`], [`LiveError::Vdso`], [`LiveError::Anonymous`],
+    /// [`LiveError::NotExecutable`], [`LiveError::NoFunctionAt`] for an address no probe can go
+    /// to; [`probe_core::Error::InsideInstruction`]; [`LiveError::Refused`] for an instruction the
+    /// arch refuses. A failed attach changes nothing.
     pub fn attach(&self, addr: u64, consumer: Arc<Consumer>) -> Result<Attached, LiveError> {
-        self.attach_hook(addr, Hook::Full(consumer))
+        let key = self.key_for(addr)?;
+        self.attach_key(key, Hook::Full(consumer))
     }
 
     /// Attaches a register-only consumer at `addr`: `f(regs, ctx)` runs on every hit until
@@ -705,8 +812,9 @@ impl Live {
         ctx: *mut core::ffi::c_void,
     ) -> Result<Attached, LiveError> {
         let f = f.ok_or(LiveError::NullConsumer)?;
-        self.attach_hook(
-            addr,
+        let key = self.key_for(addr)?;
+        self.attach_key(
+            key,
             Hook::Raw {
                 f,
                 ctx: ctx as usize,
@@ -714,52 +822,66 @@ impl Live {
         )
     }
 
-    fn attach_hook(&self, addr: u64, hook: Hook) -> Result<Attached, LiveError> {
+    /// The key of a probe at `addr`, checked: a function of a mapped object, an instruction
+    /// boundary.
+    fn key_for(&self, addr: u64) -> Result<ProbeKey, LiveError> {
+        {
+            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            self.refresh_locked(&mut w, false)?;
+        }
+        let space = self.opt.space();
+        if space.areas.resume_of(addr).is_some() {
+            // Our own XOL copies and trampolines.
+            return Err(LiveError::Anonymous(addr));
+        }
+        let Some((image, off)) = space.locate(addr) else {
+            return Err(image::why_not_probeable(addr));
+        };
+        if image.function_at(off).is_none() {
+            return Err(LiveError::NoFunctionAt(addr));
+        }
+        space.check_boundary(addr)?;
+        Ok(ProbeKey {
+            object: image.id,
+            offset: off,
+        })
+    }
+
+    fn attach_key(&self, key: ProbeKey, hook: Hook) -> Result<Attached, LiveError> {
         let consumer = Arc::new(hook);
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         // Relaxed: written under this lock.
         if self.uninstalled.load(Ordering::Relaxed) {
             return Err(LiveError::Uninstalled);
         }
+        self.refresh_locked(&mut w, false)?;
         let space = self.opt.space();
-        if space.image.function_at(addr).is_none() {
-            return Err(image::why_not_probeable(addr, space.image.inode));
-        }
-        space.check_boundary(addr)?;
-        self.refresh_locked()?;
-        let key = self.key_at(addr).ok_or(LiveError::NoFunctionAt(addr))?;
-        if space.xol_map.get(addr).is_none() {
-            let mut orig = [0u8; insn::MAX_INSN];
-            let end = space.image.function_at(addr).map_or(addr, |f| f.1);
-            let n = ((end - addr) as usize).min(insn::MAX_INSN);
-            space.read_original(addr, &mut orig[..n])?;
-            let i = Insn::decode(&orig[..n], addr).map_err(LiveError::Refused)?;
-            let slot = space
-                .area
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(|at| xol::prepare(&i, at))?;
-            let block = ((slot - space.area_range.0) / 64) as usize;
-            // Release pairs with the Acquire in `ProcessCode::inside`.
-            space.slot_resume[block].store(i.next(), Ordering::Release);
-            // Kept for the life of the process, like the XOL copy it names (bounded by the
-            // number of distinct addresses ever probed).
-            let ctx: &'static ProbeCtx = Box::leak(Box::new(ProbeCtx {
-                addr,
-                xol: slot,
-                list: AtomicPtr::new(core::ptr::null_mut()),
-            }));
-            space.xol_map.insert(addr, ctx)?;
-        }
+        let addr = match w.armed.get(&key) {
+            Some(&a) => Some(a),
+            None => match space.address_of(key) {
+                // Not armed yet: its XOL copy first (an instruction the arch refuses fails
+                // here, before anything changed).
+                Some(a) => {
+                    self.prepare_ctx(a, key.object)?;
+                    Some(a)
+                }
+                None => None,
+            },
+        };
+        let fresh = addr.is_some() && !w.armed.contains_key(&key);
         self.reg.register(key, consumer.clone())?;
-        let armed = self.opt.register(addr);
-        if let Err(e) = armed {
-            let _ = self.reg.unregister(&key, &consumer);
-            self.reg.sync();
-            return Err(e.into());
+        if let (true, Some(a)) = (fresh, addr) {
+            if let Err(e) = self.opt.register(a) {
+                let _ = self.reg.unregister(&key, &consumer);
+                self.reg.sync();
+                return Err(e.into());
+            }
+            w.armed.insert(key, a);
         }
-        self.publish(&w, addr, key);
-        let a = Attached {
+        if let Some(a) = addr {
+            self.publish(&w, a, key);
+        }
+        let attached = Attached {
             addr,
             key,
             consumer,
@@ -767,8 +889,53 @@ impl Live {
         self.attached
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(a.clone());
-        Ok(a)
+            .push(attached.clone());
+        Ok(attached)
+    }
+
+    /// Makes sure the probe address `addr` has its context and an XOL copy of `object`'s
+    /// instruction there (a context made for another object once mapped at `addr` gets a new
+    /// copy: the ProbeCtx invariant says when that may happen).
+    fn prepare_ctx(&self, addr: u64, object: ObjectId) -> Result<(), LiveError> {
+        let space = self.opt.space();
+        let existing = space.xol_map.get(addr);
+        // Relaxed: `object` is written under the writer lock, which we hold.
+        if existing.is_some_and(|c| c.object.load(Ordering::Relaxed) == object.0) {
+            return Ok(());
+        }
+        let mut orig = [0u8; insn::MAX_INSN];
+        let (start, func) = space
+            .function_code(addr)
+            .ok_or(LiveError::NoFunctionAt(addr))?;
+        let from = (addr - start) as usize;
+        let n = (func.len() - from).min(insn::MAX_INSN);
+        orig[..n].copy_from_slice(&func[from..from + n]);
+        let i = Insn::decode(&orig[..n], addr).map_err(LiveError::Refused)?;
+        let slot = space.areas.push_xol(addr, i.next(), |at| {
+            xol::prepare(&i, at)
+                .map(|c| c.bytes().to_vec())
+                .map_err(LiveError::Refused)
+        })?;
+        match existing {
+            Some(ctx) => {
+                // INVARIANT (ProbeCtx): nothing is armed at `addr` now. Relaxed: read by hits
+                // only after the optimizer arms the probe, which publishes with its own Release.
+                ctx.xol.store(slot, Ordering::Relaxed);
+                ctx.object.store(object.0, Ordering::Relaxed);
+            }
+            None => {
+                // Kept for the life of the process, like the XOL copy it names (bounded by the
+                // number of distinct addresses ever probed).
+                let ctx: &'static ProbeCtx = Box::leak(Box::new(ProbeCtx {
+                    addr,
+                    xol: AtomicU64::new(slot),
+                    object: AtomicU64::new(object.0),
+                    list: AtomicPtr::new(core::ptr::null_mut()),
+                }));
+                space.xol_map.insert(addr, ctx)?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes every probe out and gives the program its own signal handlers back: each attached
@@ -817,21 +984,62 @@ impl Live {
     }
 
     /// Detaches a probe: once this returns its consumer never runs again, and if it was the
-    /// last one at its address the original instruction is back.
+    /// last one of its key the original instruction is back (wherever its object is mapped).
     pub fn detach(&self, a: Attached) -> Result<(), LiveError> {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         self.reg.unregister(&a.key, &a.consumer)?;
         self.attached
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|b| !(b.addr == a.addr && Arc::ptr_eq(&b.consumer, &a.consumer)));
-        // The trampoline's list loses it (and becomes null with the last one) before the
-        // optimizer hears of the detach.
-        self.publish(&w, a.addr, a.key);
-        self.opt.unregister(a.addr)?;
-        self.opt.wait_for_optimizer();
+            .retain(|b| !(b.key == a.key && Arc::ptr_eq(&b.consumer, &a.consumer)));
+        if let Some(&addr) = w.armed.get(&a.key) {
+            // The trampoline's list loses it (and becomes null with the last one) before the
+            // optimizer hears of the detach.
+            self.publish(&w, addr, a.key);
+            if self.reg.with_consumers(&a.key, |c| c.len()).unwrap_or(0) == 0 {
+                w.armed.remove(&a.key);
+                self.opt.unregister(addr)?;
+                self.opt.wait_for_optimizer();
+            }
+        }
         // No hit still holds the old consumer list after this.
         self.reg.sync();
+        Ok(())
+    }
+
+    /// Where the probe `a` is armed now (`None`: its object is not mapped).
+    pub fn address_of(&self, a: &Attached) -> Option<u64> {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.armed.get(&a.key).copied()
+    }
+
+    /// Takes the probe of `key` out of the code at `addr`, where its object is no longer
+    /// mapped (or was mapped again, with fresh pages): its trampoline list goes, the optimizer
+    /// forgets it (its code writes there are dropped: `ProcessCode::patch`), the registry keeps
+    /// its consumers for the next mapping.
+    fn disarm(&self, w: &mut Writer, key: ProbeKey, addr: u64) -> Result<(), LiveError> {
+        w.armed.remove(&key);
+        if let Some(ctx) = self.opt.space().xol_map.get(addr) {
+            // AcqRel: as in `publish`.
+            let old = ctx.list.swap(core::ptr::null_mut(), Ordering::AcqRel);
+            if !old.is_null() {
+                self.reg.sync();
+                // SAFETY: as in `publish`: from `Box::into_raw`, unreachable, a grace period
+                // passed.
+                drop(unsafe { Box::from_raw(old) });
+            }
+        }
+        self.opt.unregister(addr)?;
+        self.opt.wait_for_optimizer();
+        Ok(())
+    }
+
+    /// Arms the probe of `key` where its object is mapped now (at `addr`).
+    fn arm(&self, w: &mut Writer, key: ProbeKey, addr: u64) -> Result<(), LiveError> {
+        self.prepare_ctx(addr, key.object)?;
+        self.opt.register(addr)?;
+        w.armed.insert(key, addr);
+        self.publish(w, addr, key);
         Ok(())
     }
 
@@ -910,66 +1118,151 @@ impl Live {
     /// writer itself, trapping inside its own write section — uses the executable's static
     /// mapping, computed from its ELF segments, instead.
     fn key_of(&self, reader: &<SlotRcu as Rcu>::Reader<'static>, addr: u64) -> Option<ProbeKey> {
-        if IN_MM_WRITE.with(|w| w.get()) {
-            let space = self.opt.space();
-            return Some(ProbeKey {
-                object: ObjectId(space.image.inode),
-                offset: space.image.file_offset(addr)?,
+        let before = IN_MM_WRITE.with(|w| w.get());
+        // SAFETY: set by this very thread to the mappings `refresh_locked` holds alive for the
+        // whole write (and reset to an empty slice before they go).
+        let before = unsafe { &*before };
+        if !before.is_empty() {
+            return before.iter().find(|v| v.contains(addr)).map(|v| ProbeKey {
+                object: v.object,
+                offset: v.offset_of(addr),
             });
         }
         loop {
             // The model's VMAs and handles are freed through the registry's domain: hold one of
             // its read sections while speculating.
             let _guard = self.reg.rcu().read_lock(reader);
-            let Some(mut spec) = self.mm.speculate_begin() else {
+            let mm = &self.opt.space().mm;
+            let Some(mut spec) = mm.speculate_begin() else {
                 core::hint::spin_loop();
                 continue;
             };
-            let found = self.mm.speculate_find(&mut spec, addr);
-            if self.mm.speculate_validate(&spec) {
+            let found = mm.speculate_find(&mut spec, addr);
+            if mm.speculate_validate(&spec) {
                 return found.map(|(object, offset)| ProbeKey { object, offset });
             }
         }
     }
 
-    /// Re-reads `/proc/self/maps` into the address-space model if the file mappings changed
-    /// (called by `attach`; call it after `dlopen`).
+    /// Re-reads `/proc/self/maps` and brings the probes up to date with it: call it after
+    /// `dlopen` or `dlclose` (attaching does it too). Linux's `uprobe_mmap` rule: every probe
+    /// whose object was unmapped leaves the code with the mapping (the registry keeps it), and
+    /// every probe whose object is mapped and not armed is armed now — in a new mapping, or in
+    /// the same range mapped again with fresh pages (found by checking each armed probe's code
+    /// holds what the optimizer put there). Between the program's `dlopen` and this call, hits
+    /// on the new mapping are missed: the process has no mmap hook.
+    ///
+    /// # Errors
+    ///
+    /// The first probe that could not be armed (the rest are), or the maps unreadable.
     pub fn refresh_mappings(&self) -> Result<(), LiveError> {
-        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.refresh_locked()
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh_locked(&mut w, true)
     }
 
-    fn refresh_locked(&self) -> Result<(), LiveError> {
-        let maps = std::fs::read_to_string("/proc/self/maps")
-            .map_err(|e| LiveError::Executable(e.to_string()))?;
-        let want: Vec<probe_core::mm::VmaInfo> = maps.lines().filter_map(parse_maps_line).collect();
-        if self.mm.mappings() == want {
+    fn refresh_locked(&self, w: &mut Writer, verify: bool) -> Result<(), LiveError> {
+        let space = self.opt.space();
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| LiveError::Object {
+            path: "/proc/self/maps".into(),
+            why: e.to_string(),
+        })?;
+        let mut want: Vec<probe_core::mm::VmaInfo> = Vec::new();
+        let mut objects: Vec<(ObjectId, String)> = Vec::new();
+        for m in maps.lines().filter_map(image::maps_line) {
+            if let Some(v) = m.vma {
+                if v.flags.contains(probe_core::mm::VmFlags::EXEC)
+                    && space.areas.resume_of(v.start).is_none()
+                {
+                    objects.push((v.object, m.path.to_string()));
+                }
+                want.push(v);
+            }
+        }
+        space.images.set_mapped(objects);
+        let have = space.mm.mappings();
+        if have != want {
+            // Apply the difference only: a mapping that did not change is never taken out, so
+            // a hit resolving in it never finds it missing between two write sections (a
+            // clear-and-refill did exactly that; the exact-hit test caught it).
+            IN_MM_WRITE.with(|c| c.set(&have[..] as *const [probe_core::mm::VmaInfo]));
+            let result = (|| {
+                let mw = space.mm.write();
+                let rcu = self.reg.rcu();
+                for m in have.iter().filter(|m| !want.contains(m)) {
+                    mw.unmap(rcu, m.start, m.end - m.start)?;
+                }
+                for m in want.iter().filter(|m| !have.contains(m)) {
+                    mw.map(rcu, m.start, m.end - m.start, m.pgoff, m.object, m.flags)?;
+                }
+                Ok::<(), probe_core::Error>(())
+            })();
+            IN_MM_WRITE.with(|c| c.set(&[] as *const [probe_core::mm::VmaInfo]));
+            result.map_err(LiveError::Core)?;
+        } else if !verify {
             return Ok(());
         }
-        // Apply the difference only: a mapping that did not change is never taken out, so a hit
-        // resolving in it never finds it missing between two write sections (a clear-and-refill
-        // did exactly that; the exact-hit test caught it).
-        let have = self.mm.mappings();
-        IN_MM_WRITE.with(|w| w.set(true));
-        let result = (|| {
-            let w = self.mm.write();
-            let rcu = self.reg.rcu();
-            for m in have.iter().filter(|m| !want.contains(m)) {
-                w.unmap(rcu, m.start, m.end - m.start)?;
+        let mut first = Ok(());
+        // Probes whose object left their address, or whose code there is not ours any more.
+        let armed: Vec<(ProbeKey, u64)> = w.armed.iter().map(|(k, a)| (*k, *a)).collect();
+        for (key, addr) in armed {
+            let moved = space.address_of(key) != Some(addr);
+            if (moved || (verify && !self.code_is_ours(addr)))
+                && let Err(e) = self.disarm(w, key, addr)
+            {
+                first = first.and(Err(e));
             }
-            for m in want.iter().filter(|m| !have.contains(m)) {
-                w.map(rcu, m.start, m.end - m.start, m.pgoff, m.object, m.flags)?;
+        }
+        // Probes whose object is mapped now and that are not armed.
+        let mut keys: Vec<ProbeKey> = Vec::new();
+        for m in want
+            .iter()
+            .filter(|m| m.flags.contains(probe_core::mm::VmFlags::EXEC))
+        {
+            self.reg.probes_of(
+                m.object,
+                m.pgoff..m.pgoff + (m.end - m.start),
+                |off, _, _| {
+                    keys.push(ProbeKey {
+                        object: m.object,
+                        offset: off,
+                    });
+                },
+            );
+        }
+        for key in keys {
+            if w.armed.contains_key(&key) {
+                continue;
             }
-            Ok::<(), probe_core::Error>(())
-        })();
-        IN_MM_WRITE.with(|w| w.set(false));
-        result.map_err(LiveError::Core)
+            if let Some(addr) = space.address_of(key)
+                && let Err(e) = self.arm(w, key, addr)
+            {
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+
+    /// Whether the code at `addr` holds what the optimizer put there (a mapping replaced by
+    /// fresh pages of the same file holds the original instead).
+    fn code_is_ours(&self, addr: u64) -> bool {
+        let mut want = [0u8; probe_core::arch::MAX_DETOUR];
+        let Ok(n) = self.opt.expected_code(addr, &mut want) else {
+            return false;
+        };
+        let mut have = [0u8; probe_core::arch::MAX_DETOUR];
+        self.opt
+            .space()
+            .mem
+            .0
+            .read_exact_at(&mut have[..n], addr)
+            .is_ok()
+            && have[..n] == want[..n]
     }
 
     /// The (object, file offset) key the address-space model gives `addr` (for tests and tools;
     /// takes the model's lock).
     pub fn key_at(&self, addr: u64) -> Option<ProbeKey> {
-        self.mm.locked_find(addr, |v| {
+        self.opt.space().mm.locked_find(addr, |v| {
             v.map(|v| ProbeKey {
                 object: v.object,
                 offset: v.offset_of(addr),
@@ -1030,7 +1323,14 @@ impl Live {
                         self.run_consumers(&pooled.reader, addr, &regs());
                     }
                     match then {
-                        Then::Step => self.opt.space().xol_map.get(addr).map(|c| c.xol),
+                        // Relaxed: ordered by `on_breakpoint`'s Acquire of the probe, which the
+                        // optimizer published after `prepare_ctx` stored the copy.
+                        Then::Step => self
+                            .opt
+                            .space()
+                            .xol_map
+                            .get(addr)
+                            .map(|c| c.xol.load(Ordering::Relaxed)),
                         Then::Detour(d) => Some(d.displaced),
                     }
                 }
