@@ -4,23 +4,6 @@
 
 use super::*;
 
-/// Writes code through `/proc/self/mem`; syncs cores with membarrier.
-pub(super) struct ProcMem(pub(super) File);
-
-impl CodeWriter for ProcMem {
-    fn write(&self, addr: u64, bytes: &[u8]) -> probe_core::Result<()> {
-        // A failed write reports the errno; the live patch rolls the batch back. (A short
-        // write to our own mapped text does not happen short of memory exhaustion.)
-        self.0
-            .write_all_at(bytes, addr)
-            .map_err(|e| probe_core::Error::Embedder(e.raw_os_error().unwrap_or(-1)))
-    }
-    fn sync_cores(&self) {
-        let r = membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE);
-        debug_assert!(r.is_ok());
-    }
-}
-
 /// The process's code as the optimizer's [`CodeSpace`]: every executable file mapping.
 pub(super) struct ProcessCode {
     /// The images of the objects mapped (or probed) so far.
@@ -37,6 +20,7 @@ pub(super) struct ProcessCode {
     pub(super) ranges: RangeTable,
     /// How a trampoline saves the extended state around full-state consumers, chosen at
     /// install from CPUID ([`probe_arch_x86_64::xstate`]).
+    #[cfg(target_arch = "x86_64")]
     pub(super) xstate: XState,
     /// Probe address → its [`ProbeCtx`] (XOL copy, consumer list for trampolines).
     pub(super) xol_map: XolMap,
@@ -103,7 +87,62 @@ impl ProcessCode {
     }
 }
 
+/// Writes code through `/proc/self/mem` (what debuggers use): the kernel writes the page for
+/// us, breaking copy-on-write of the file-backed text, and the page's protection never changes.
+pub(super) struct ProcMem(pub(super) File);
+
 impl ProcessCode {
+    pub(super) fn original_at(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+        let (image, off) = self
+            .locate(addr)
+            .ok_or(probe_core::Error::OffsetOutOfRange)?;
+        image
+            .original(off, buf)
+            .ok_or(probe_core::Error::OffsetOutOfRange)
+    }
+
+    pub(super) fn boundary_at(&self, addr: u64) -> probe_core::Result<()> {
+        let (start, func) = self
+            .function_code(addr)
+            .ok_or(probe_core::Error::OffsetOutOfRange)?;
+        isa::check_boundary(&func, start, addr)
+    }
+
+    pub(super) fn read_live(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+        // Called from the trap handler for an address just executed (mapped, readable text).
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `addr..addr+len` is the trapping instruction's bytes, in a mapped text page
+            // (the CPU just fetched it); a volatile read because other threads patch it.
+            *b = unsafe { core::ptr::read_volatile((addr as usize + i) as *const u8) };
+        }
+        Ok(())
+    }
+
+    /// The sites of `batch` whose object is still mapped where its probe was armed.
+    ///
+    /// A site whose object is no longer mapped there (`dlclose`, then perhaps another file at
+    /// that address) has no code of ours left to change: its patch is done by leaving it alone
+    /// — the pages went with the mapping, and writing there now could only corrupt whatever is
+    /// mapped there next. Linux's uprobes get this from the mm; we check the model, which
+    /// `refresh_mappings` keeps (the window between the program's `munmap` and our refresh is
+    /// the one place this can be wrong: a write there fails with EIO, and the batch rolls back
+    /// and is retried).
+    pub(super) fn sites_still_mapped(&self, batch: &[Patch]) -> Vec<Patch> {
+        batch
+            .iter()
+            .filter(|p| {
+                let here = self.mm.locked_find(p.addr, |v| v.map(|v| v.object));
+                let ours = self
+                    .xol_map
+                    .get(p.addr)
+                    // Relaxed: written under the writer lock, which our caller holds too.
+                    .map(|c| ObjectId(c.object.load(Ordering::Relaxed)));
+                here.is_some() && here == ours
+            })
+            .copied()
+            .collect()
+    }
+
     /// Where `addr` is now: its object's image and its file offset (writers: takes the model's
     /// lock).
     pub(super) fn locate(&self, addr: u64) -> Option<(Arc<Image>, u64)> {
@@ -132,136 +171,6 @@ impl ProcessCode {
                 && key.offset - m.pgoff < m.end - m.start)
                 .then(|| m.start + (key.offset - m.pgoff))
         })
-    }
-}
-
-impl CodeSpace for ProcessCode {
-    type Arch = X86_64;
-
-    fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        let (image, off) = self
-            .locate(addr)
-            .ok_or(probe_core::Error::OffsetOutOfRange)?;
-        image
-            .original(off, buf)
-            .ok_or(probe_core::Error::OffsetOutOfRange)
-    }
-
-    fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
-        let (start, func) = self
-            .function_code(addr)
-            .ok_or(probe_core::Error::OffsetOutOfRange)?;
-        insn::check_boundary(&func, start, addr)
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        // Called from the trap handler for an address just executed (mapped, readable text).
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: `addr..addr+len` is the trapping instruction's bytes, in a mapped text page
-            // (the CPU just fetched it); a volatile read because other threads patch it.
-            *b = unsafe { core::ptr::read_volatile((addr as usize + i) as *const u8) };
-        }
-        Ok(())
-    }
-
-    fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
-        // The trampoline hands its hit this probe's context directly (attach made it).
-        let ctx = self.xol_map.get(addr).ok_or(NotOptimizable::Unsupported)?;
-        let (start, func) = self.function_code(addr).ok_or(NotOptimizable::TooShort)?;
-        let range = probe_arch_x86_64::detour::analyze(&func, start, addr)?;
-        let (at, reused) = self
-            .areas
-            .alloc_trampoline(addr, TRAMPOLINE)
-            .ok_or(NotOptimizable::NoMemory)?;
-        // Relaxed: statistics.
-        self.trampolines_made.fetch_add(1, Ordering::Relaxed);
-        if reused {
-            // Relaxed: statistics.
-            self.trampolines_reused.fetch_add(1, Ordering::Relaxed);
-        }
-        let built = trampoline(at, ctx, self.xstate.size, &range)
-            .ok()
-            .and_then(|(code, displaced)| Some((code, displaced, range.jump_bytes(at)?)));
-        let Some((code, displaced, jump)) = built else {
-            self.areas.free_trampoline(at);
-            return Err(NotOptimizable::OutOfReach);
-        };
-        if !self.ranges.insert(at, addr, addr + range.len() as u64) {
-            self.areas.free_trampoline(at);
-            return Err(NotOptimizable::NoMemory);
-        }
-        self.areas.write(at, &code);
-        Ok(Detour {
-            len: range.len() as u8,
-            jump,
-            trampoline: at,
-            displaced,
-        })
-    }
-
-    fn free_detour(&self, detour: &Detour) {
-        // The optimizer calls this after a quiescence wait that followed the removal of every
-        // way into the trampoline: it can be reused.
-        self.ranges.remove(detour.trampoline);
-        for r in self.retiring.iter() {
-            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
-            if r.load(Ordering::Relaxed) == detour.trampoline {
-                // Relaxed: only this (the optimizer's) thread writes the table.
-                r.store(0, Ordering::Relaxed);
-            }
-        }
-        self.areas.free_trampoline(detour.trampoline);
-        // Relaxed: statistics.
-        self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
-        // A site whose object is no longer mapped there (`dlclose`, then perhaps another file
-        // at that address) has no code of ours left to change: its patch is done by leaving it
-        // alone — the pages went with the mapping, and writing there now could only corrupt
-        // whatever is mapped there next. Linux's uprobes get this from the mm; we check the
-        // model, which `refresh_mappings` keeps (the window between the program's `munmap`
-        // and our refresh is the one place this can be wrong: a write there fails with EIO,
-        // and the batch rolls back and is retried).
-        let live: Vec<Patch> = batch
-            .iter()
-            .filter(|p| {
-                let here = self.mm.locked_find(p.addr, |v| v.map(|v| v.object));
-                let ours = self
-                    .xol_map
-                    .get(p.addr)
-                    // Relaxed: written under the writer lock, which our caller holds too.
-                    .map(|c| ObjectId(c.object.load(Ordering::Relaxed)));
-                here.is_some() && here == ours
-            })
-            .copied()
-            .collect();
-        let batch = &live[..];
-        // All or nothing: a failed batch was rolled back, and its trampolines stay in use.
-        patch_batch(&self.mem, batch)?;
-        // A jump gone out cuts its trampoline off: from now until it is freed, a thread found
-        // inside it keeps the quiescence wait waiting (the wait comes after this returns).
-        for p in batch {
-            if let ([probe_arch_x86_64::JMP_REL32, a, b, c, d, ..], [n, ..]) =
-                (p.old(), p.new_bytes())
-                && *n != probe_arch_x86_64::JMP_REL32
-            {
-                let rel = i32::from_le_bytes([*a, *b, *c, *d]);
-                self.retire(p.addr.wrapping_add(5).wrapping_add(rel as i64 as u64));
-            }
-        }
-        Ok(())
-    }
-
-    fn quiesce(&self) {
-        quiesce(self);
-    }
-
-    fn kick(&self) {
-        // Called with the optimizer's lock held: only wake the optimizer thread, if there is one.
-        if let Some(t) = OPTIMIZER_THREAD.get() {
-            t.unpark();
-        }
     }
 }
 

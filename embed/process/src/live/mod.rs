@@ -84,18 +84,13 @@
 //! again, so their memory is bounded by the number of distinct addresses ever probed. Freeing
 //! them would take the same scan; not done.
 
-use probe_arch_x86_64::X86_64;
-use probe_arch_x86_64::insn::{self, Insn, Refusal};
-use probe_arch_x86_64::live_patch::{CodeWriter, patch_batch};
-use probe_arch_x86_64::xol;
-use probe_arch_x86_64::xstate::{SaveInsn, XState};
 use probe_core::arch::{CodeSpace, Detour, NotOptimizable, Patch};
 use probe_core::mm::{AddressSpace, AddressSpaceOps, MmId};
 use probe_core::optimizer::{Optimizer, Then, Trap};
 use probe_core::probe::{ObjectId, ProbeKey};
 use probe_core::rcu::{Rcu, SlotRcu};
 use probe_core::registry::Registry;
-use probe_core::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use probe_core::sync::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::boxed::Box;
 use std::fmt;
 use std::fs::File;
@@ -110,21 +105,27 @@ mod code;
 mod image;
 mod pool;
 mod quiesce;
+#[cfg(target_arch = "x86_64")]
 mod trampoline;
 mod trap;
+
+/// The instruction set's half: registers, boundaries, XOL copies, the trap handler's frame, the
+/// `CodeSpace` (how code is written, what a detour is).
+#[cfg_attr(target_arch = "x86_64", path = "isa_x86_64.rs")]
+#[cfg_attr(target_arch = "aarch64", path = "isa_aarch64.rs")]
+mod isa;
 
 use area::*;
 use code::*;
 use image::*;
+use isa::*;
 use pool::*;
 use quiesce::*;
+#[cfg(target_arch = "x86_64")]
 use trampoline::*;
 use trap::*;
 
-/// The registers a consumer sees: the interrupted thread's, as saved by the kernel (breakpoint
-/// path) or pushed by the trampoline (jump path, where it *is* the pushed frame: the arch
-/// crate's [`probe_arch_x86_64::trampoline::Regs`]).
-pub use probe_arch_x86_64::trampoline::Regs;
+pub use isa::{Refusal, Regs};
 
 /// A consumer: runs on every hit of its probe, in the signal handler of the thread that hit it,
 /// so it must be async-signal-safe (no allocation, no locks another thread might hold).
@@ -383,9 +384,23 @@ struct ProbeCtx {
     addr: u64,
     /// The address's XOL copy (for the object `object`).
     xol: AtomicU64,
+    /// The instruction, when a hit simulates it instead of running a copy (aarch64's
+    /// PC-relative instructions, from the original PC); 0 otherwise.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    simulated: AtomicU32,
     /// The object whose code at `addr` the copy and the probe are for.
     object: AtomicU64,
     list: AtomicPtr<HitList>,
+}
+
+/// Where a thread that trapped goes next ([`Live::breakpoint_hit`]).
+enum Next {
+    /// The probe's step: its XOL copy, or (aarch64) its simulation.
+    Xol(&'static ProbeCtx),
+    /// This PC.
+    Pc(u64),
+    /// Not ours: the program's handler.
+    NotOurs,
 }
 
 /// A probe's consumers as its trampoline runs them.
@@ -486,7 +501,10 @@ impl Live {
     /// # Ok::<(), probe_process::live::LiveError>(())
     /// ```
     pub fn install() -> Result<&'static Live, LiveError> {
-        Self::install_xstate(XState::detect())
+        #[cfg(target_arch = "x86_64")]
+        return Self::install_xstate(XState::detect());
+        #[cfg(not(target_arch = "x86_64"))]
+        return Self::install_xstate(());
     }
 
     /// [`Live::install`] with the extended-state save forced to `save` where this CPU has it
@@ -495,11 +513,15 @@ impl Live {
     /// interrupted code's vector registers — what some interceptors ship; it exists so a test
     /// can show that its oracle catches exactly that. It takes the instruction, not an
     /// [`XState`], so no caller can hand the trampolines an area size this CPU overflows.
+    #[cfg(target_arch = "x86_64")]
     pub fn install_with(save: SaveInsn) -> Result<&'static Live, LiveError> {
         Self::install_xstate(XState::with(save))
     }
 
-    fn install_xstate(xstate: XState) -> Result<&'static Live, LiveError> {
+    fn install_xstate(
+        #[cfg(target_arch = "x86_64")] xstate: XState,
+        #[cfg(not(target_arch = "x86_64"))] _none: (),
+    ) -> Result<&'static Live, LiveError> {
         static ONCE: Mutex<bool> = Mutex::new(false);
         let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
         if *done {
@@ -522,6 +544,7 @@ impl Live {
                 mem: ProcMem(mem),
                 areas: Areas::new(),
                 ranges: RangeTable::new(),
+                #[cfg(target_arch = "x86_64")]
                 xstate,
                 xol_map: XolMap::new(),
                 retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
@@ -696,13 +719,7 @@ impl Live {
             .ok_or(LiveError::NoFunctionAt(start))?;
         // Decoded at its runtime address where mapped (RIP-relative lengths do not depend on it).
         let at = self.runtime(&image, start).unwrap_or(start);
-        let mut out = Vec::new();
-        let mut off = 0usize;
-        while off < code.len() {
-            out.push(off as u64);
-            off += insn::length(&code[off..], at + off as u64).map_err(LiveError::Refused)?;
-        }
-        Ok(out)
+        isa::boundaries(&code, at).map_err(LiveError::Refused)
     }
 
     /// How the probe at `addr` runs, and if it stays a breakpoint, why.
@@ -764,7 +781,7 @@ impl Live {
         image
             .original(start, &mut code)
             .ok_or(LiveError::NoFunctionAt(start))?;
-        insn::check_boundary(&code, start, start + offset)?;
+        isa::check_boundary(&code, start, start + offset)?;
         let key = ProbeKey {
             object: image.id,
             offset: start + offset,
@@ -903,24 +920,20 @@ impl Live {
         if existing.is_some_and(|c| c.object.load(Ordering::Relaxed) == object.0) {
             return Ok(());
         }
-        let mut orig = [0u8; insn::MAX_INSN];
         let (start, func) = space
             .function_code(addr)
             .ok_or(LiveError::NoFunctionAt(addr))?;
-        let from = (addr - start) as usize;
-        let n = (func.len() - from).min(insn::MAX_INSN);
-        orig[..n].copy_from_slice(&func[from..from + n]);
-        let i = Insn::decode(&orig[..n], addr).map_err(LiveError::Refused)?;
-        let slot = space.areas.push_xol(addr, i.next(), |at| {
-            xol::prepare(&i, at)
-                .map(|c| c.bytes().to_vec())
-                .map_err(LiveError::Refused)
-        })?;
+        let plan = StepPlan::new(&func[(addr - start) as usize..], addr)?;
+        let slot = space
+            .areas
+            .push_xol(addr, plan.resume(), |at| plan.copy(at))?;
+        let simulated = plan.simulated();
         match existing {
             Some(ctx) => {
                 // INVARIANT (ProbeCtx): nothing is armed at `addr` now. Relaxed: read by hits
                 // only after the optimizer arms the probe, which publishes with its own Release.
                 ctx.xol.store(slot, Ordering::Relaxed);
+                ctx.simulated.store(simulated, Ordering::Relaxed);
                 ctx.object.store(object.0, Ordering::Relaxed);
             }
             None => {
@@ -929,6 +942,7 @@ impl Live {
                 let ctx: &'static ProbeCtx = Box::leak(Box::new(ProbeCtx {
                     addr,
                     xol: AtomicU64::new(slot),
+                    simulated: AtomicU32::new(simulated),
                     object: AtomicU64::new(object.0),
                     list: AtomicPtr::new(core::ptr::null_mut()),
                 }));
@@ -1308,10 +1322,10 @@ impl Live {
             .is_ok_and(|s| s.code == probe_core::optimizer::Code::Jump)
     }
 
-    /// The breakpoint handler's own work for a trap at `addr` (INT3 executed there): claim the
-    /// pooled readers, ask the optimizer, run the consumers with `regs()`, pick where the thread
-    /// goes next (`None`: not ours, chain to the program's handler), release.
-    fn breakpoint_hit(&self, addr: u64, regs: impl FnOnce() -> Regs) -> Option<u64> {
+    /// The breakpoint handler's own work for a trap at `addr` (a breakpoint executed there):
+    /// claim the pooled readers, ask the optimizer, run the consumers with `regs()`, pick where
+    /// the thread goes next, release.
+    fn breakpoint_hit(&self, addr: u64, regs: impl FnOnce() -> Regs) -> Next {
         let pooled = self.claim();
         let answer = {
             // One domain: this read section covers the consumers' lookup below too (their own
@@ -1323,30 +1337,19 @@ impl Live {
                         self.run_consumers(&pooled.reader, addr, &regs());
                     }
                     match then {
-                        // Relaxed: ordered by `on_breakpoint`'s Acquire of the probe, which the
-                        // optimizer published after `prepare_ctx` stored the copy.
-                        Then::Step => self
-                            .opt
-                            .space()
-                            .xol_map
-                            .get(addr)
-                            .map(|c| c.xol.load(Ordering::Relaxed)),
-                        Then::Detour(d) => Some(d.displaced),
+                        Then::Step => match self.opt.space().xol_map.get(addr) {
+                            Some(ctx) => Next::Xol(ctx),
+                            None => Next::Pc(addr),
+                        },
+                        Then::Detour(d) => Next::Pc(d.displaced),
                     }
                 }
-                // No probe at addr and no breakpoint there now. Either ours was removed after
-                // the thread trapped on it (re-execute the restored instruction), or the trap
-                // was the program's two-byte `INT 3` (CD 03), whose second byte is at addr: that
-                // one is not ours (re-executing from addr would run its immediate as code).
-                Trap::Restart => {
-                    let mut two = [0u8; 2];
-                    let space = self.opt.space();
-                    match space.read(addr.wrapping_sub(1), &mut two) {
-                        Ok(()) if two == [0xCD, 0x03] => None,
-                        _ => Some(addr),
-                    }
-                }
-                Trap::NotOurs => None,
+                // No probe at addr and no breakpoint there now: ours was removed after the
+                // thread trapped on it (re-execute the restored instruction) — or the trap was
+                // one the arch can tell is the program's.
+                Trap::Restart if isa::restart_is_foreign(self.opt.space(), addr) => Next::NotOurs,
+                Trap::Restart => Next::Pc(addr),
+                Trap::NotOurs => Next::NotOurs,
             }
         };
         Live::release(pooled);
@@ -1358,9 +1361,23 @@ impl Live {
     /// the whole breakpoint path). Returns where the thread would continue.
     #[doc(hidden)]
     pub fn breakpoint_work(&self, addr: u64) -> Option<u64> {
-        self.breakpoint_hit(addr, || Regs {
-            rip: addr,
-            ..Regs::default()
-        })
+        let regs = || {
+            #[cfg(target_arch = "x86_64")]
+            return Regs {
+                rip: addr,
+                ..Regs::default()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            return Regs {
+                pc: addr,
+                ..Regs::default()
+            };
+        };
+        match self.breakpoint_hit(addr, regs) {
+            // Relaxed: as in the handler.
+            Next::Xol(ctx) => Some(ctx.xol.load(Ordering::Relaxed)),
+            Next::Pc(pc) => Some(pc),
+            Next::NotOurs => None,
+        }
     }
 }

@@ -27,12 +27,8 @@ pub(super) extern "C" fn on_quiesce(
     };
     // SAFETY: the kernel passes valid siginfo/ucontext to an SA_SIGINFO handler; the value was
     // sent by `scan` with rt_tgsigqueueinfo.
-    let (round, rip) = unsafe {
-        (
-            (*info).si_value().sival_ptr as u64 as u32,
-            (*uc.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] as u64,
-        )
-    };
+    let round = unsafe { (*info).si_value().sival_ptr as u64 as u32 };
+    let rip = isa::pc_of(uc);
     let inside = live
         .opt
         .space()
