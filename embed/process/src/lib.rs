@@ -15,5 +15,8 @@
 
 #![deny(rustdoc::broken_intra_doc_links)]
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+#[cfg(all(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    target_os = "linux"
+))]
 pub mod live;

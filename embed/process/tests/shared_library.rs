@@ -235,6 +235,7 @@ fn every_boundary_of_zlib_functions_in_both_paths_leaves_outputs_unchanged() {
         "zlib: {} functions, {total_boundaries} boundaries probed in both paths, {total_jumps} of them as jumps, {total_hits} hits",
         FUNCTIONS.len()
     );
+    #[cfg(target_arch = "x86_64")]
     assert!(total_jumps > 0, "some zlib probes must become jumps");
 }
 

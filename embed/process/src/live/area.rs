@@ -34,11 +34,13 @@ pub(super) const XOL_SLOT: usize = 64;
 /// How many areas a process may have (one or more per far-apart group of objects: a full area
 /// gets a neighbour).
 pub(super) const MAX_AREAS: usize = 64;
-/// How far an area may be from a probe it serves, either end.
-const REACH: u64 = 1 << 30;
+/// How far an area may be from a probe it serves, either end (the instruction set's: a fraction
+/// of its direct jump's reach).
+const REACH: u64 = isa::AREA_REACH;
 
 impl XolArea {
-    /// Maps an area within 1 GiB of `near` (so RIP-relative operands of the code still reach).
+    /// Maps an area within reach of `near` (`isa::AREA_REACH`: so a jump from the code, and
+    /// the code's PC-relative operands from a copy, still reach).
     pub(super) fn map(near: u64) -> Result<Self, LiveError> {
         // SAFETY: memfd_create with a valid C string; ftruncate on our own fd.
         let fd = unsafe { libc::memfd_create(c"probe-core-xol".as_ptr(), libc::MFD_CLOEXEC) };
@@ -53,7 +55,10 @@ impl XolArea {
         }
         let mut rx = None;
         'search: for k in 1..60u64 {
-            for hint in [near.wrapping_sub(k << 24), near.wrapping_add(k << 24)] {
+            for hint in [
+                near.wrapping_sub(k * isa::AREA_STEP),
+                near.wrapping_add(k * isa::AREA_STEP),
+            ] {
                 let hint = hint & !0xFFF;
                 // SAFETY: a new shared mapping of our memfd; FIXED_NOREPLACE never replaces an
                 // existing mapping.
@@ -67,10 +72,18 @@ impl XolArea {
                         0,
                     )
                 };
-                if p != libc::MAP_FAILED {
-                    rx = Some(p as u64);
+                if p == libc::MAP_FAILED {
+                    continue;
+                }
+                // A kernel (or emulator) that does not know MAP_FIXED_NOREPLACE takes the
+                // address as a hint only: keep the mapping only if it is within reach.
+                let (lo, hi) = (p as u64, p as u64 + XOL_AREA as u64);
+                if lo.abs_diff(near) < REACH && hi.abs_diff(near) < REACH {
+                    rx = Some(lo);
                     break 'search;
                 }
+                // SAFETY: the mapping just made, nobody else knows it.
+                unsafe { libc::munmap(p, XOL_AREA) };
             }
         }
         // SAFETY: a new shared read+write mapping of our memfd.

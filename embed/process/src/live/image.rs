@@ -178,7 +178,7 @@ impl Images {
         let found = {
             let mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
             if name.contains('/') {
-                let Ok(meta) = std::fs::metadata(name) else {
+                let Ok(meta) = std::fs::metadata(resolve(name)) else {
                     return Ok(None);
                 };
                 let id = object_of(&meta);
@@ -195,6 +195,16 @@ impl Images {
             None => Ok(None),
         }
     }
+}
+
+/// `path` with its symlinks resolved (`/proc/self/exe` becomes the executable's path — which
+/// is also what an emulator such as qemu-user answers for its guest, where a `stat` of
+/// `/proc/self/exe` would describe the emulator itself).
+pub(super) fn resolve(path: &str) -> String {
+    std::fs::canonicalize(path)
+        .ok()
+        .and_then(|p| p.into_os_string().into_string().ok())
+        .unwrap_or_else(|| path.to_string())
 }
 
 /// Whether the file name of `path` is `name`, or `name` followed by a version suffix.

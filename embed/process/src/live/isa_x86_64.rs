@@ -17,6 +17,12 @@ pub use probe_arch_x86_64::insn::Refusal;
 /// crate's [`probe_arch_x86_64::trampoline::Regs`]).
 pub use probe_arch_x86_64::trampoline::Regs;
 
+/// How far a near-code area may be from the code it serves (either end): `jmp rel32` and
+/// RIP-relative operands reach ±2 GiB; half of it leaves room for the object's own size.
+pub(super) const AREA_REACH: u64 = 1 << 30;
+/// The steps in which an area's address is searched for, outwards from the code.
+pub(super) const AREA_STEP: u64 = 1 << 24;
+
 /// The offsets of the instruction boundaries of `code`, which runs at `at`.
 pub(super) fn boundaries(code: &[u8], at: u64) -> Result<Vec<u64>, Refusal> {
     let mut out = Vec::new();

@@ -615,6 +615,17 @@ impl Live {
             if libc::sigaction(quiesce_signal(), &q, core::ptr::null_mut()) != 0 {
                 return Err(os("sigaction"));
             }
+            // aarch64: the signal that parks threads for a stopped code change.
+            #[cfg(target_arch = "aarch64")]
+            {
+                let mut st: libc::sigaction = core::mem::zeroed();
+                st.sa_sigaction = isa::on_stop as *const () as usize;
+                st.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+                libc::sigemptyset(&mut st.sa_mask);
+                if libc::sigaction(isa::stop_signal(), &st, core::ptr::null_mut()) != 0 {
+                    return Err(os("sigaction"));
+                }
+            }
         }
         *done = true;
         Ok(live)
@@ -632,8 +643,9 @@ impl Live {
             return Ok(i);
         }
         if object.contains('/') {
-            let meta = std::fs::metadata(object).map_err(|_| LiveError::NoObject(object.into()))?;
-            return space.images.get_or_load(image::object_of(&meta), object);
+            let path = image::resolve(object);
+            let meta = std::fs::metadata(&path).map_err(|_| LiveError::NoObject(object.into()))?;
+            return space.images.get_or_load(image::object_of(&meta), &path);
         }
         Err(LiveError::NoObject(object.into()))
     }

@@ -58,18 +58,10 @@ pub(super) fn scan() -> bool {
         if tid == me {
             continue;
         }
-        // SAFETY: a zeroed siginfo with the fields rt_tgsigqueueinfo reads filled in.
-        let r = unsafe {
-            let mut si: libc::siginfo_t = core::mem::zeroed();
-            si.si_signo = quiesce_signal();
-            si.si_code = libc::SI_QUEUE;
-            // si_pid/si_uid/si_value sit after the three ints; write the value through the
-            // sigqueue layout: { si_pid: i32, si_uid: u32, si_value: sigval }.
-            let base = (&mut si as *mut libc::siginfo_t).cast::<u8>().add(16);
-            base.cast::<i32>().write(pid);
-            base.add(4).cast::<u32>().write(libc::getuid());
-            base.add(8).cast::<u64>().write(u64::from(round));
-            libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, quiesce_signal(), &si)
+        let r = if signal_thread(pid, tid, quiesce_signal(), u64::from(round)) {
+            0
+        } else {
+            -1
         };
         if r == 0 {
             sent += 1;
@@ -97,5 +89,28 @@ pub(super) fn quiesce(space: &ProcessCode) {
     let _one = SCANNING.lock().unwrap_or_else(|e| e.into_inner());
     while !scan() {
         std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+/// Sends `sig` to thread `tid` of process `pid` with `value` as its `si_value` (what the
+/// handler reads back with `si_value().sival_ptr`). Whether it was sent.
+pub(super) fn signal_thread(
+    pid: libc::pid_t,
+    tid: libc::pid_t,
+    sig: libc::c_int,
+    value: u64,
+) -> bool {
+    // SAFETY: a zeroed siginfo with the fields rt_tgsigqueueinfo reads filled in.
+    unsafe {
+        let mut si: libc::siginfo_t = core::mem::zeroed();
+        si.si_signo = sig;
+        si.si_code = libc::SI_QUEUE;
+        // si_pid/si_uid/si_value sit after the three ints; write the value through the
+        // sigqueue layout: { si_pid: i32, si_uid: u32, si_value: sigval }.
+        let base = (&mut si as *mut libc::siginfo_t).cast::<u8>().add(16);
+        base.cast::<i32>().write(pid);
+        base.add(4).cast::<u32>().write(libc::getuid());
+        base.add(8).cast::<u64>().write(value);
+        libc::syscall(libc::SYS_rt_tgsigqueueinfo, pid, tid, sig, &si) == 0
     }
 }
