@@ -13,6 +13,8 @@
 //! * [`patch`] — the Arm ARM's rule for changing code other CPUs execute, as a type: a single
 //!   aligned 32-bit store only when old and new are both B, BL, NOP, BRK, SVC, HVC or SMC, and
 //!   otherwise only with every other CPU stopped;
+//! * [`trampoline`] — the jump path's trampoline: what a probe's `B` lands on (saves the
+//!   registers and V0–V31, calls the embedder, restores them, runs the displaced instruction);
 //! * [`cache`] — `DC CVAU` / `DSB ISH` / `IC IVAU` / `DSB ISH` / `ISB` over the lines `CTR_EL0`
 //!   describes, shortened when `IDC` / `DIC` say the hardware keeps them coherent.
 //!
@@ -36,6 +38,7 @@
 pub mod cache;
 pub mod insn;
 pub mod patch;
+pub mod trampoline;
 pub mod xol;
 
 use probe_core::arch::Arch;

@@ -456,3 +456,74 @@ fn cache_maintenance_text_assembles() {
     }
     println!("cache-maintenance asm assembled: {:08x?}", &words[..5]);
 }
+
+/// The trampoline builder's words equal what the assembler makes of the same sequence, written
+/// out in assembly (the literal values and the branch back included).
+#[test]
+fn trampoline_matches_the_assembler() {
+    use probe_arch_aarch64::trampoline::{FPSR_OFFSET, FRAME, V_OFFSET, build};
+    let Some(t) = tools("tramp") else { return };
+    let (entry, ctx, probed) = (0x1122_3344_5566_7788u64, 0x0BAD_F00D_u64, BASE + 0x1000);
+    let word = 0x8B02_0020; // add x0, x1, x2
+    let ours = build(BASE, entry, ctx, probed, word).unwrap();
+    let mut src = format!("_start:\nsub sp, sp, #{FRAME}\n");
+    for r in (0..30).step_by(2) {
+        writeln!(src, "stp x{r}, x{}, [sp, #{}]", r + 1, r * 8).unwrap();
+    }
+    writeln!(
+        src,
+        "str x30, [sp, #240]\nadd x0, sp, #{FRAME}\nstr x0, [sp, #248]"
+    )
+    .unwrap();
+    writeln!(src, "mrs x0, nzcv\nstr x0, [sp, #264]").unwrap();
+    writeln!(src, "mrs x0, fpsr\nstr x0, [sp, #{FPSR_OFFSET}]").unwrap();
+    writeln!(src, "mrs x0, fpcr\nstr x0, [sp, #{}]", FPSR_OFFSET + 8).unwrap();
+    for q in (0..32).step_by(2) {
+        writeln!(src, "stp q{q}, q{}, [sp, #{}]", q + 1, V_OFFSET + q * 16).unwrap();
+    }
+    writeln!(
+        src,
+        "mov x0, sp\nldr x1, 9f\nldr x2, 9f + 8\nldr x16, 9f + 16\nblr x16"
+    )
+    .unwrap();
+    for q in (0..32).step_by(2) {
+        writeln!(src, "ldp q{q}, q{}, [sp, #{}]", q + 1, V_OFFSET + q * 16).unwrap();
+    }
+    writeln!(src, "ldr x0, [sp, #{}]\nmsr fpcr, x0", FPSR_OFFSET + 8).unwrap();
+    writeln!(src, "ldr x0, [sp, #{FPSR_OFFSET}]\nmsr fpsr, x0").unwrap();
+    writeln!(src, "ldr x0, [sp, #264]\nmsr nzcv, x0").unwrap();
+    for r in (0..30).step_by(2) {
+        writeln!(src, "ldp x{r}, x{}, [sp, #{}]", r + 1, r * 8).unwrap();
+    }
+    writeln!(src, "ldr x30, [sp, #240]\nadd sp, sp, #{FRAME}").unwrap();
+    writeln!(
+        src,
+        "add x0, x1, x2\nb back\n.p2align 3\n9: .quad {ctx:#x}, {BASE:#x}, {entry:#x}"
+    )
+    .unwrap();
+    // The probed instruction and the one after it, where the branch back goes.
+    writeln!(src, ".org 0x1000\nadd x0, x1, x2\nback: nop").unwrap();
+    let e = t.dir.join("tramp.elf");
+    let _ = assemble(&t, "tramp", &src);
+    // The words, literals included, straight from the linked file's .text.
+    let bin = t.dir.join("tramp.bin");
+    run(Command::new("aarch64-linux-gnu-objcopy")
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(&e)
+        .arg(&bin));
+    let bytes = std::fs::read(&bin).unwrap();
+    let theirs: Vec<u32> = bytes
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        ours.words(),
+        &theirs[..ours.words().len()],
+        "trampoline words differ from the assembler's"
+    );
+    assert_eq!(ours.words()[(ours.displaced - BASE) as usize / 4], word);
+    println!(
+        "trampoline: {} words agree with the assembler",
+        ours.words().len()
+    );
+}
