@@ -272,3 +272,107 @@ fn attach_and_detach_while_threads_run_keep_every_result_right() {
     assert!(hits > 0 && hits <= calls.load(Ordering::Relaxed), "{hits}");
     assert_eq!(words(at, 4), original);
 }
+
+/// A register-only consumer: counts into the `AtomicU64` its context points to.
+unsafe extern "C" fn raw_count(_regs: &Regs, ctx: *mut core::ffi::c_void) {
+    // SAFETY: `ctx` is the test's `AtomicU64`, alive until after detach.
+    unsafe { &*ctx.cast::<AtomicU64>() }.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The jump path: `B` to a trampoline, exact hits from several threads, the original words back
+/// after detach; a closure consumer on an SVE CPU stays on the breakpoint path (pinned).
+#[test]
+fn the_jump_path_hits_exactly_and_goes_away() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let at = live.symbol(EXE, "arm_t_add").unwrap();
+    let original = words(at, 4);
+    let n = AtomicU64::new(0);
+    // SAFETY: `raw_count` is integer code and async-signal-safe; `n` outlives the detach.
+    let p =
+        unsafe { live.attach_raw(at, Some(raw_count), (&raw const n).cast_mut().cast()) }.unwrap();
+    live.run_optimizer();
+    assert_eq!(live.optimization(at), Optimization::Jump);
+    let b = words(at, 1)[0];
+    assert_eq!(b & 0xFC00_0000, 0x1400_0000, "a B at the probe: {b:#010x}");
+    const THREADS: u64 = 3;
+    const CALLS: u64 = 20_000;
+    std::thread::scope(|sc| {
+        for t in 0..THREADS {
+            sc.spawn(move || {
+                for i in 0..CALLS {
+                    assert_eq!(add(i, t), i + t);
+                }
+            });
+        }
+    });
+    assert_eq!(n.load(Ordering::Relaxed), THREADS * CALLS);
+    // A closure consumer joins: on an SVE CPU the probe goes back to a breakpoint.
+    let (m, c) = counter();
+    let q = live.attach(at, c).unwrap();
+    live.run_optimizer();
+    // SAFETY: getauxval has no preconditions.
+    let sve = unsafe { libc::getauxval(libc::AT_HWCAP) } & (1 << 22) != 0;
+    let state = live.optimization(at);
+    if sve {
+        assert!(matches!(state, Optimization::Breakpoint(_)), "{state:?}");
+    } else {
+        assert_eq!(state, Optimization::Jump);
+    }
+    assert_eq!(add(1, 2), 3);
+    assert_eq!(m.load(Ordering::Relaxed), 1);
+    live.detach(q).unwrap();
+    live.run_optimizer();
+    assert_eq!(live.optimization(at), Optimization::Jump, "unpinned again");
+    live.detach(p).unwrap();
+    live.run_optimizer();
+    assert_eq!(words(at, 4), original);
+    assert_eq!(n.load(Ordering::Relaxed), THREADS * CALLS + 1);
+}
+
+/// Every instruction of the PC-relative function in the jump path: the ones that run anywhere
+/// become jumps, the PC-relative ones stay breakpoints (simulated), and every result is the
+/// unprobed one.
+#[test]
+fn every_instruction_in_the_jump_path_behaves_as_unprobed() {
+    use probe_process::live::WhyBreakpoint;
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let want: Vec<u64> = (0..8).map(|b| pcrel(100, b)).collect();
+    let start = live.symbol(EXE, "arm_t_pcrel").unwrap();
+    let bounds = live.instruction_boundaries(EXE, "arm_t_pcrel").unwrap();
+    let (mut jumps, mut breakpoints) = (0, 0);
+    for &off in &bounds {
+        let n = AtomicU64::new(0);
+        // SAFETY: as above.
+        let p = unsafe {
+            live.attach_raw(
+                start + off,
+                Some(raw_count),
+                (&raw const n).cast_mut().cast(),
+            )
+        }
+        .unwrap();
+        live.run_optimizer();
+        match live.optimization(start + off) {
+            Optimization::Jump => jumps += 1,
+            Optimization::Breakpoint(WhyBreakpoint::NotOptimizable(_)) => breakpoints += 1,
+            other => panic!("+{off:#x}: {other:?}"),
+        }
+        for (b, w) in want.iter().enumerate() {
+            assert_eq!(
+                pcrel(100, b as u64),
+                *w,
+                "jump probe at +{off:#x}, x1 = {b}"
+            );
+        }
+        if off == 0 {
+            assert_eq!(n.load(Ordering::Relaxed), 8);
+        }
+        live.detach(p).unwrap();
+    }
+    live.run_optimizer();
+    // adr, ldr, adrp, cbz, tbz, b.lt, cbnz, tbnz, bl, ldr q, b, ret ×2: 13 PC-relative.
+    assert_eq!(breakpoints, 13, "{jumps} jumps");
+    assert_eq!(jumps, bounds.len() - 13);
+}

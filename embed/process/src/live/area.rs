@@ -214,6 +214,7 @@ impl Areas {
             match make(at) {
                 Ok(copy) => {
                     area.write(at, &copy);
+                    isa::code_written(at, copy.len());
                     let block = ((at - area.rx) as usize) / XOL_SLOT;
                     // Release pairs with the Acquire in `resume_of`.
                     area.resume[block].store(resume, Ordering::Release);
@@ -263,6 +264,7 @@ impl Areas {
             .find(|a| at >= a.rx && at < a.rx + a.len as u64)
         {
             a.write(at, bytes);
+            isa::code_written(at, bytes.len());
         }
     }
 

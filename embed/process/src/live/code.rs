@@ -65,6 +65,23 @@ impl ProcessCode {
         self.is_retiring(start)
     }
 
+    /// A freed detour's trampoline: out of the range table and the retiring list, back to its
+    /// area's free list. The optimizer calls this after a quiescence wait that followed the
+    /// removal of every way into the trampoline: it can be reused.
+    pub(super) fn release_trampoline(&self, tramp: u64) {
+        self.ranges.remove(tramp);
+        for r in self.retiring.iter() {
+            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
+            if r.load(Ordering::Relaxed) == tramp {
+                // Relaxed: only this (the optimizer's) thread writes the table.
+                r.store(0, Ordering::Relaxed);
+            }
+        }
+        self.areas.free_trampoline(tramp);
+        // Relaxed: statistics.
+        self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(super) fn is_retiring(&self, tramp: u64) -> bool {
         // Acquire pairs with the Release store in `retire`.
         self.retiring

@@ -28,8 +28,9 @@ use super::*;
 use probe_arch_aarch64::cache::CacheGeometry;
 use probe_arch_aarch64::insn::{Class, Cpu, classify_word};
 use probe_arch_aarch64::patch::{self, PatchError, StopMachine, Stopped, WordWriter};
+use probe_arch_aarch64::trampoline::{self as tramp, BuildError};
 use probe_arch_aarch64::xol::{self, XOL_BRK_IMM};
-use probe_arch_aarch64::{Aarch64, INSN_LEN, brk};
+use probe_arch_aarch64::{Aarch64, INSN_LEN, b, brk};
 
 /// Why the arch refuses to probe an instruction.
 pub use probe_arch_aarch64::insn::Refusal;
@@ -43,21 +44,12 @@ pub(super) const AREA_STEP: u64 = 1 << 20;
 
 /// A trampoline's room in a near-code area (aligned to it, so the quiescence scan finds a
 /// trampoline's start from any address inside it).
-pub(super) const TRAMPOLINE: usize = 256;
+pub(super) use probe_arch_aarch64::trampoline::TRAMPOLINE;
 
-/// The registers a consumer sees: the interrupted thread's, from the signal frame.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Regs {
-    /// X0–X30 (X29 the frame pointer, X30 the link register).
-    pub x: [u64; 31],
-    /// SP.
-    pub sp: u64,
-    /// The probed address.
-    pub pc: u64,
-    /// PSTATE (NZCV in bits 31..28).
-    pub pstate: u64,
-}
+/// The registers a consumer sees: the interrupted thread's, from the signal frame (breakpoint
+/// path) or the trampoline's frame (jump path, where it *is* the frame: the arch crate's
+/// [`probe_arch_aarch64::trampoline::Regs`]).
+pub use probe_arch_aarch64::trampoline::Regs;
 
 /// The offsets of the instruction boundaries of `code`: every word.
 pub(super) fn boundaries(code: &[u8], _at: u64) -> Result<Vec<u64>, Refusal> {
@@ -356,11 +348,8 @@ pub(super) fn stop_signal() -> libc::c_int {
 /// Threads parked now, and the generation they wait to see change.
 static PARKED: AtomicU64 = AtomicU64::new(0);
 static RELEASE: AtomicU64 = AtomicU64::new(0);
-/// Which threads parked in the current stop (for the emulator's bookkeeping below).
-static PARKED_IDS: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
-static PARKED_NEXT: AtomicU64 = AtomicU64::new(0);
-/// For the emulator only: threads that never parked (qemu-user's own), not signalled again.
-static NOT_GUEST: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
+/// Which threads parked in the current stop (for the emulator's bookkeeping).
+static PARKED_IDS: Answers = Answers::new();
 
 /// Runs on each thread [`StopThreads`] signals: wait until the change is made.
 pub(super) extern "C" fn on_stop(
@@ -370,11 +359,7 @@ pub(super) extern "C" fn on_stop(
 ) {
     // SAFETY: the value was sent by `stop_machine` with rt_tgsigqueueinfo.
     let generation = unsafe { (*info).si_value().sival_ptr as u64 };
-    let slot = PARKED_NEXT.fetch_add(1, Ordering::SeqCst) as usize;
-    if let Some(id) = PARKED_IDS.get(slot) {
-        // SAFETY: gettid has no preconditions.
-        id.store(unsafe { libc::gettid() } as u64, Ordering::SeqCst);
-    }
+    note_answer(&PARKED_IDS);
     PARKED.fetch_add(1, Ordering::SeqCst);
     while RELEASE.load(Ordering::SeqCst) < generation {
         // SAFETY: sched_yield has no preconditions (and is async-signal-safe).
@@ -392,30 +377,18 @@ unsafe impl StopMachine for StopThreads {
         static GENERATION: AtomicU64 = AtomicU64::new(0);
         let generation = GENERATION.fetch_add(1, Ordering::SeqCst) + 1;
         // SAFETY: no preconditions.
-        let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
-        let mut sent: Vec<libc::pid_t> = Vec::new();
-        let skip = NOT_GUEST.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        PARKED_NEXT.store(0, Ordering::SeqCst);
-        if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-            for tid in dir
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            {
-                if tid == me || skip.contains(&tid) {
-                    continue;
-                }
-                let ok = signal_thread(pid, tid, stop_signal(), generation);
-                if ok {
-                    sent.push(tid);
-                }
-            }
-        }
+        let pid = unsafe { libc::getpid() };
+        PARKED_IDS.reset();
+        let sent: Vec<libc::pid_t> = other_threads()
+            .into_iter()
+            .filter(|&tid| signal_thread(pid, tid, stop_signal(), generation))
+            .collect();
         // Wait for every thread signalled to park (a thread that exited meanwhile never will).
         // For the emulator only: qemu-user's own threads (its RCU thread) are in
         // /proc/self/task too and never run a guest handler, so under emulation the wait ends
-        // once no thread has parked for 100 ms — sound there, because qemu makes any code
-        // change safe for the threads it runs (it retranslates), the stop is what hardware
-        // needs.
+        // once no thread has parked for 100 ms (and those threads are left out from then on:
+        // `note_silent`) — sound there, because qemu makes any code change safe for the
+        // threads it runs (it retranslates); the stop is what hardware needs.
         let mut last = (0usize, std::time::Instant::now());
         loop {
             let parked = PARKED.load(Ordering::SeqCst) as usize;
@@ -432,14 +405,7 @@ unsafe impl StopMachine for StopThreads {
             if parked != last.0 {
                 last = (parked, std::time::Instant::now());
             } else if emulated() && last.1.elapsed() > std::time::Duration::from_millis(100) {
-                // Remember who did not park: not signalled again.
-                let n = (PARKED_NEXT.load(Ordering::SeqCst) as usize).min(PARKED_IDS.len());
-                let parked: Vec<u64> = PARKED_IDS[..n]
-                    .iter()
-                    .map(|i| i.load(Ordering::SeqCst))
-                    .collect();
-                let mut skip = NOT_GUEST.lock().unwrap_or_else(|e| e.into_inner());
-                skip.extend(sent.iter().filter(|t| !parked.contains(&(**t as u64))));
+                note_silent(&sent, &PARKED_IDS);
                 break;
             }
             std::thread::yield_now();
@@ -468,11 +434,65 @@ impl CodeSpace for ProcessCode {
         self.read_live(addr, buf)
     }
 
-    fn prepare_detour(&self, _addr: u64) -> Result<Detour, NotOptimizable> {
-        Err(NotOptimizable::Unsupported)
+    fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
+        // The trampoline hands its hit this probe's context directly (attach made it).
+        let ctx = self.xol_map.get(addr).ok_or(NotOptimizable::Unsupported)?;
+        let mut w = [0u8; INSN_LEN];
+        self.original_at(addr, &mut w)
+            .map_err(|_| NotOptimizable::TooShort)?;
+        let word = u32::from_le_bytes(w);
+        let (at, reused) = self
+            .areas
+            .alloc_trampoline(addr, TRAMPOLINE)
+            .ok_or(NotOptimizable::NoMemory)?;
+        let built = tramp::build(
+            at,
+            trampoline_entry as *const () as u64,
+            ctx as *const ProbeCtx as u64,
+            addr,
+            word,
+        );
+        let (t, jump) = match built.map(|t| (b(addr, at), t)) {
+            Ok((Some(jump), t)) => (t, jump),
+            Ok((None, _)) | Err(BuildError::OutOfReach) => {
+                self.areas.free_trampoline(at);
+                return Err(NotOptimizable::OutOfReach);
+            }
+            Err(BuildError::PcRelative) => {
+                self.areas.free_trampoline(at);
+                return Err(NotOptimizable::Unrelocatable { addr });
+            }
+            Err(BuildError::Refused(r)) => {
+                self.areas.free_trampoline(at);
+                return Err(r.at(addr));
+            }
+        };
+        if !self.ranges.insert(at, addr, addr + INSN_LEN as u64) {
+            self.areas.free_trampoline(at);
+            return Err(NotOptimizable::NoMemory);
+        }
+        // Relaxed: statistics.
+        self.trampolines_made.fetch_add(1, Ordering::Relaxed);
+        if reused {
+            // Relaxed: statistics.
+            self.trampolines_reused.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut code = [0u8; TRAMPOLINE];
+        let n = t.write_bytes(&mut code);
+        self.areas.write(at, &code[..n]);
+        let mut bytes = [0u8; probe_core::arch::MAX_DETOUR];
+        bytes[..INSN_LEN].copy_from_slice(&jump.to_le_bytes());
+        Ok(Detour {
+            len: INSN_LEN as u8,
+            jump: bytes,
+            trampoline: at,
+            displaced: t.displaced,
+        })
     }
 
-    fn free_detour(&self, _detour: &Detour) {}
+    fn free_detour(&self, detour: &Detour) {
+        self.release_trampoline(detour.trampoline);
+    }
 
     fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
         // One word per site, each changed as `patch::plan` allows; all or nothing: a site that
@@ -502,6 +522,19 @@ impl CodeSpace for ProcessCode {
                 return Err(e);
             }
         }
+        // A `B` gone out cuts its trampoline off: from now until it is freed, a thread found
+        // inside it keeps the quiescence wait waiting (the wait comes after this returns).
+        for p in &sites {
+            if let (Some(old), Some(new)) = (
+                probe_arch_aarch64::word(p.old()),
+                probe_arch_aarch64::word(p.new_bytes()),
+            ) && old & 0xFC00_0000 == 0x1400_0000
+                && new & 0xFC00_0000 != 0x1400_0000
+            {
+                let off = (((old & 0x03FF_FFFF) << 6) as i32 >> 4) as i64;
+                self.retire(p.addr.wrapping_add(off as u64));
+            }
+        }
         Ok(())
     }
 
@@ -513,5 +546,67 @@ impl CodeSpace for ProcessCode {
         if let Some(t) = OPTIMIZER_THREAD.get() {
             t.unpark();
         }
+    }
+}
+
+/// Called by every trampoline (AAPCS64: the frame in X0, the probe's context in X1, the
+/// trampoline's own address in X2), on the probed thread's stack with X0–X30, NZCV, FPSR, FPCR
+/// and V0–V31 saved: any consumer may run (on an SVE CPU, see [`after_publish`]).
+///
+/// Per hit: one thread-local read, the pool claim, one registry read section, one load of the
+/// probe's list — no tree lookup, no address-space resolve.
+#[inline(never)]
+extern "C" fn trampoline_entry(frame: *mut Regs, ctx: &'static ProbeCtx, tramp: u64) {
+    let Some(live) = LIVE.get().copied() else {
+        return;
+    };
+    let outer = IN_TRAMPOLINE.with(|t| t.replace((tramp, t.get().1 + 1)));
+    // SAFETY: the trampoline passes the frame it just stored, laid out as `Regs`; its PC slot is
+    // filled here, once, before anyone reads the frame.
+    let regs = unsafe {
+        (*frame).pc = ctx.addr;
+        &*frame
+    };
+    let pooled = live.claim();
+    {
+        let _guard = live.reg.rcu().read_lock(&pooled.reader);
+        // Acquire pairs with the AcqRel swap in `Live::publish`.
+        let list = ctx.list.load(Ordering::Acquire);
+        if !list.is_null() {
+            // SAFETY: a published list stays allocated until a grace period after it is swapped
+            // out, and we are inside a read section of that domain (INVARIANT of ProbeCtx).
+            for h in unsafe { &*list }.hooks.iter() {
+                h.call(regs);
+            }
+        }
+    }
+    Live::release(pooled);
+    IN_TRAMPOLINE.with(|t| t.set(outer));
+}
+
+/// Whether the CPU has SVE (`HWCAP_SVE`): the trampoline's frame does not hold the Z
+/// registers' upper bits or the predicates, which a closure consumer calling into the C library
+/// could change.
+fn has_sve() -> bool {
+    const HWCAP_SVE: u64 = 1 << 22;
+    // SAFETY: getauxval has no preconditions.
+    unsafe { libc::getauxval(libc::AT_HWCAP) & HWCAP_SVE != 0 }
+}
+
+/// After a probe's hit list changed: on an SVE CPU a probe with a closure consumer is pinned
+/// to the breakpoint path (the kernel saves the whole SVE state for a signal), and unpinned
+/// when only register-only consumers are left. Elsewhere the jump path serves every consumer.
+pub(super) fn after_publish(opt: &Opt, addr: u64, full: bool) {
+    if has_sve() {
+        let _ = opt.set_single_step(addr, full);
+    }
+}
+
+/// After code was written into a near-code area at `rx` (its executable view): the cache
+/// maintenance that makes it fetchable, and for the emulator its flush.
+pub(super) fn code_written(rx: u64, len: usize) {
+    CacheGeometry::current().sync_icache(rx, len);
+    if emulated() {
+        emulator_flush(rx, len);
     }
 }

@@ -207,19 +207,7 @@ impl CodeSpace for ProcessCode {
     }
 
     fn free_detour(&self, detour: &Detour) {
-        // The optimizer calls this after a quiescence wait that followed the removal of every
-        // way into the trampoline: it can be reused.
-        self.ranges.remove(detour.trampoline);
-        for r in self.retiring.iter() {
-            // Relaxed: the retiring table is written only by the optimizer's (this) thread.
-            if r.load(Ordering::Relaxed) == detour.trampoline {
-                // Relaxed: only this (the optimizer's) thread writes the table.
-                r.store(0, Ordering::Relaxed);
-            }
-        }
-        self.areas.free_trampoline(detour.trampoline);
-        // Relaxed: statistics.
-        self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
+        self.release_trampoline(detour.trampoline);
     }
 
     fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
@@ -251,4 +239,17 @@ impl CodeSpace for ProcessCode {
             t.unpark();
         }
     }
+}
+
+/// After a probe's hit list changed: nothing to do on x86-64 (the trampoline saves whatever
+/// its consumers need).
+pub(super) fn after_publish(_opt: &Opt, _addr: u64, _full: bool) {}
+
+/// After code was written into a near-code area: nothing on x86-64 (instruction fetch is
+/// coherent with stores, and a thread only reaches new code after a serializing event).
+pub(super) fn code_written(_rx: u64, _len: usize) {}
+
+/// Never under an emulator that needs its own handling (see the aarch64 half).
+pub(super) fn emulated() -> bool {
+    false
 }

@@ -405,7 +405,9 @@ enum Next {
 
 /// A probe's consumers as its trampoline runs them.
 struct HitList {
-    /// Some consumer may use any register state: save and restore the extended state.
+    /// Some consumer may use any register state: save and restore the extended state (x86-64;
+    /// the aarch64 trampoline saves its FP/SIMD registers always).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     full: bool,
     hooks: Box<[Arc<Hook>]>,
 }
@@ -1081,11 +1083,12 @@ impl Live {
                 .map(|p| p.consumers().to_vec())
                 .unwrap_or_default()
         };
+        let full = hooks.iter().any(|h| matches!(**h, Hook::Full(_)));
         let new = if hooks.is_empty() {
             core::ptr::null_mut()
         } else {
             Box::into_raw(Box::new(HitList {
-                full: hooks.iter().any(|h| matches!(**h, Hook::Full(_))),
+                full,
                 hooks: hooks.into_boxed_slice(),
             }))
         };
@@ -1100,6 +1103,7 @@ impl Live {
             // passed since it was (INVARIANT of ProbeCtx).
             drop(unsafe { Box::from_raw(old) });
         }
+        isa::after_publish(self.opt, addr, full);
     }
 
     /// Trampolines prepared, of them reused after a quiescence wait, and freed so far.

@@ -33,44 +33,103 @@ pub(super) extern "C" fn on_quiesce(
         .opt
         .space()
         .inside(rip, IN_TRAMPOLINE.with(|t| t.get()));
+    note_answer(&SCAN_ANSWERS);
     rounds.answer(round, inside);
+}
+
+/// Which threads answered (or parked) in the current round: for the emulator's bookkeeping.
+pub(super) struct Answers {
+    ids: [AtomicU64; 1024],
+    next: AtomicU64,
+}
+
+impl Answers {
+    pub(super) const fn new() -> Self {
+        Self {
+            ids: [const { AtomicU64::new(0) }; 1024],
+            next: AtomicU64::new(0),
+        }
+    }
+    pub(super) fn reset(&self) {
+        self.next.store(0, Ordering::SeqCst);
+    }
+    fn all(&self) -> Vec<u64> {
+        let n = (self.next.load(Ordering::SeqCst) as usize).min(self.ids.len());
+        self.ids[..n]
+            .iter()
+            .map(|i| i.load(Ordering::SeqCst))
+            .collect()
+    }
+}
+
+pub(super) static SCAN_ANSWERS: Answers = Answers::new();
+
+/// Records the calling thread in `answers` (from a signal handler: two atomic stores).
+pub(super) fn note_answer(answers: &Answers) {
+    let slot = answers.next.fetch_add(1, Ordering::SeqCst) as usize;
+    if let Some(id) = answers.ids.get(slot) {
+        // SAFETY: gettid has no preconditions.
+        id.store(unsafe { libc::gettid() } as u64, Ordering::SeqCst);
+    }
+}
+
+/// For the emulator only (`isa::emulated`): threads in `/proc/self/task` that never answer a
+/// signal — qemu-user's own (its RCU thread), which run no guest code — found when a round
+/// times out and left out of every later round and stop. On hardware this list stays empty:
+/// every task is a program thread, and one that does not answer is waited for.
+static NOT_GUEST: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
+
+/// The other threads to signal: every task but the caller (and, under emulation, but the
+/// emulator's own).
+pub(super) fn other_threads() -> Vec<libc::pid_t> {
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
+    let skip = NOT_GUEST.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|t| *t != me && !skip.contains(t))
+        .collect()
+}
+
+/// Under emulation, after a round that timed out: the threads of `sent` that did not answer
+/// are the emulator's (see [`NOT_GUEST`]).
+pub(super) fn note_silent(sent: &[libc::pid_t], answers: &Answers) {
+    if !isa::emulated() {
+        return;
+    }
+    let answered = answers.all();
+    NOT_GUEST
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(sent.iter().filter(|t| !answered.contains(&(**t as u64))));
 }
 
 /// One scan: signals every other thread of the process and waits for their answers. Returns
 /// `true` if all answered and none was inside.
 pub(super) fn scan() -> bool {
-    // SAFETY: getpid/gettid have no preconditions.
-    let (pid, me) = unsafe { (libc::getpid(), libc::gettid()) };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
     let rounds = rounds();
     let round = rounds.begin();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return false;
-    };
+    SCAN_ANSWERS.reset();
+    let threads = other_threads();
     let mut sent = 0u64;
-    for t in tasks.flatten() {
-        let Some(tid) = t
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if tid == me {
-            continue;
-        }
-        let r = if signal_thread(pid, tid, quiesce_signal(), u64::from(round)) {
-            0
-        } else {
-            -1
-        };
-        if r == 0 {
+    let mut sent_to = Vec::with_capacity(threads.len());
+    for tid in threads {
+        if signal_thread(pid, tid, quiesce_signal(), u64::from(round)) {
             sent += 1;
+            sent_to.push(tid);
         }
     }
     // Threads answer from their handler; a thread that exits meanwhile never does.
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
     while rounds.answered(round) < sent {
         if std::time::Instant::now() > deadline {
+            note_silent(&sent_to, &SCAN_ANSWERS);
             return false;
         }
         std::thread::yield_now();
