@@ -52,7 +52,7 @@ pub struct Regs {
 pub const FRAME: u32 = 800;
 /// Where FPSR and FPCR are in the frame.
 pub const FPSR_OFFSET: u32 = 272;
-/// Where V0 is in the frame (V<n> at `V_OFFSET + 16 n`).
+/// Where V0 is in the frame (V*n* at `V_OFFSET + 16 * n`).
 pub const V_OFFSET: u32 = 288;
 /// The room one trampoline takes (its code is shorter).
 pub const TRAMPOLINE: usize = 512;
