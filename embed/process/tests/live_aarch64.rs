@@ -376,3 +376,60 @@ fn every_instruction_in_the_jump_path_behaves_as_unprobed() {
     assert_eq!(breakpoints, 13, "{jumps} jumps");
     assert_eq!(jumps, bounds.len() - 13);
 }
+
+/// Every bad attach is its own error, naming what was wrong, and changes nothing.
+#[test]
+fn every_bad_attach_is_an_error_and_changes_nothing() {
+    use probe_process::live::{LiveError, Refusal};
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let live = live();
+    let (n, c) = counter();
+    let at = live.symbol(EXE, "arm_t_add").unwrap();
+    let original = words(at, 4);
+    assert!(matches!(
+        live.attach_symbol(EXE, "no_such_function", 0, c.clone()),
+        Err(LiveError::NoSymbol { ref name, .. }) if name == "no_such_function"
+    ));
+    assert!(matches!(
+        live.attach_symbol("libno_such_object.so", "f", 0, c.clone()),
+        Err(LiveError::NoObject(_))
+    ));
+    // Inside an instruction (every instruction is 4 bytes), and past the function's end.
+    assert!(matches!(
+        live.attach_symbol(EXE, "arm_t_add", 2, c.clone()),
+        Err(LiveError::Core(probe_core::Error::InsideInstruction))
+    ));
+    assert!(matches!(
+        live.attach(at + 1, c.clone()),
+        Err(LiveError::Core(probe_core::Error::InsideInstruction))
+    ));
+    assert!(matches!(
+        live.attach_symbol(EXE, "arm_t_add", 16, c.clone()),
+        Err(LiveError::Core(probe_core::Error::OffsetOutOfRange))
+    ));
+    // The program's own BRK: refused, with the reason.
+    assert!(matches!(
+        live.attach_symbol(EXE, "arm_t_foreign", 0, c.clone()),
+        Err(LiveError::Refused(Refusal::Exception))
+    ));
+    assert!(matches!(
+        live.attach(0x10, c.clone()),
+        Err(LiveError::NotMapped(0x10))
+    ));
+    let heap = Box::new([0u32; 16]);
+    let h = heap.as_ptr() as u64;
+    assert!(matches!(live.attach(h, c.clone()), Err(LiveError::Anonymous(a)) if a == h));
+    let data = &raw const FOREIGN_TRAPS as u64;
+    assert!(matches!(
+        live.attach(data, c.clone()),
+        Err(LiveError::NotExecutable(_))
+    ));
+    let e = live
+        .attach_symbol(EXE, "arm_t_add", 2, c)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inside an instruction"), "{e}");
+    assert_eq!(words(at, 4), original);
+    assert_eq!(add(2, 3), 5);
+    assert_eq!(n.load(Ordering::Relaxed), 0);
+}

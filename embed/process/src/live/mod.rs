@@ -432,6 +432,10 @@ pub struct Live {
     previous: libc::sigaction,
     /// The quiescence signal's disposition before [`Live::install`] (restored by `uninstall`).
     previous_quiesce: libc::sigaction,
+    /// aarch64: the stop signal's disposition before [`Live::install`] (restored by
+    /// `uninstall`).
+    #[cfg(target_arch = "aarch64")]
+    previous_stop: libc::sigaction,
     /// Every attached probe, for [`Live::uninstall`] (under `writer`'s lock).
     attached: Mutex<Vec<Attached>>,
     /// Set by [`Live::uninstall`]: attaching fails from then on.
@@ -579,6 +583,16 @@ impl Live {
         {
             return Err(os("sigaction"));
         }
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        let mut previous_stop: libc::sigaction = unsafe { core::mem::zeroed() };
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        if unsafe { libc::sigaction(isa::stop_signal(), core::ptr::null(), &mut previous_stop) }
+            != 0
+        {
+            return Err(os("sigaction"));
+        }
         let live: &'static Live = Box::leak(Box::new(Live {
             opt,
             reg,
@@ -589,6 +603,8 @@ impl Live {
             }),
             previous,
             previous_quiesce,
+            #[cfg(target_arch = "aarch64")]
+            previous_stop,
             attached: Mutex::new(Vec::new()),
             uninstalled: AtomicBool::new(false),
         }));
@@ -1002,6 +1018,15 @@ impl Live {
             if libc::sigaction(
                 quiesce_signal(),
                 &self.previous_quiesce,
+                core::ptr::null_mut(),
+            ) != 0
+            {
+                first = first.and(Err(os("sigaction")));
+            }
+            #[cfg(target_arch = "aarch64")]
+            if libc::sigaction(
+                isa::stop_signal(),
+                &self.previous_stop,
                 core::ptr::null_mut(),
             ) != 0
             {
