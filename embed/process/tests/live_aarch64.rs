@@ -123,6 +123,20 @@ fn counter() -> (Arc<AtomicU64>, Arc<Consumer>) {
     )
 }
 
+/// `threads` threads (numbered `t`) each call `add(i, t)` for `i` in `0..calls`, checking
+/// every result.
+fn add_from_threads(threads: u64, calls: u64) {
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            sc.spawn(move || {
+                for i in 0..calls {
+                    assert_eq!(add(i, t), i + t);
+                }
+            });
+        }
+    });
+}
+
 fn words(addr: u64, n: usize) -> Vec<u32> {
     // SAFETY: reading mapped text.
     (0..n)
@@ -149,15 +163,7 @@ fn hits_are_exact_from_every_thread_and_the_words_come_back() {
     assert_ne!(words(at, 1), original[..1], "armed: a BRK at the entry");
     const THREADS: u64 = 3;
     const CALLS: u64 = 3000;
-    std::thread::scope(|sc| {
-        for t in 0..THREADS {
-            sc.spawn(move || {
-                for i in 0..CALLS {
-                    assert_eq!(add(i, t), i + t);
-                }
-            });
-        }
-    });
+    add_from_threads(THREADS, CALLS);
     assert_eq!(n.load(Ordering::Relaxed), THREADS * CALLS);
     // At offset 4 x0 already holds the sum: x0 + x1 = (i + t) + t.
     let want: u64 = (0..THREADS)
@@ -297,15 +303,7 @@ fn the_jump_path_hits_exactly_and_goes_away() {
     assert_eq!(b & 0xFC00_0000, 0x1400_0000, "a B at the probe: {b:#010x}");
     const THREADS: u64 = 3;
     const CALLS: u64 = 20_000;
-    std::thread::scope(|sc| {
-        for t in 0..THREADS {
-            sc.spawn(move || {
-                for i in 0..CALLS {
-                    assert_eq!(add(i, t), i + t);
-                }
-            });
-        }
-    });
+    add_from_threads(THREADS, CALLS);
     assert_eq!(n.load(Ordering::Relaxed), THREADS * CALLS);
     // A closure consumer joins: on an SVE CPU the probe goes back to a breakpoint.
     let (m, c) = counter();

@@ -104,6 +104,36 @@ impl ProcessCode {
     }
 }
 
+/// The `CodeSpace` methods both instruction sets' impls share: the original code from the
+/// object images, boundaries, live reads, the quiescence wait, the optimizer thread's kick.
+macro_rules! shared_code_space_methods {
+    () => {
+        fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+            self.original_at(addr, buf)
+        }
+
+        fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
+            self.boundary_at(addr)
+        }
+
+        fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
+            self.read_live(addr, buf)
+        }
+
+        fn quiesce(&self) {
+            quiesce(self);
+        }
+
+        fn kick(&self) {
+            // Called with the optimizer's lock held: only wake the optimizer thread, if any.
+            if let Some(t) = OPTIMIZER_THREAD.get() {
+                t.unpark();
+            }
+        }
+    };
+}
+pub(super) use shared_code_space_methods;
+
 /// Writes code through `/proc/self/mem` (what debuggers use): the kernel writes the page for
 /// us, breaking copy-on-write of the file-backed text, and the page's protection never changes.
 pub(super) struct ProcMem(pub(super) File);

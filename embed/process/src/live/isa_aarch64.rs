@@ -422,17 +422,7 @@ unsafe impl StopMachine for StopThreads {
 impl CodeSpace for ProcessCode {
     type Arch = Aarch64;
 
-    fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        self.original_at(addr, buf)
-    }
-
-    fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
-        self.boundary_at(addr)
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        self.read_live(addr, buf)
-    }
+    shared_code_space_methods!();
 
     fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
         // The trampoline hands its hit this probe's context directly (attach made it).
@@ -536,16 +526,6 @@ impl CodeSpace for ProcessCode {
             }
         }
         Ok(())
-    }
-
-    fn quiesce(&self) {
-        quiesce(self);
-    }
-
-    fn kick(&self) {
-        if let Some(t) = OPTIMIZER_THREAD.get() {
-            t.unpark();
-        }
     }
 }
 

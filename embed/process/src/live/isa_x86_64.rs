@@ -159,17 +159,7 @@ impl CodeWriter for ProcMem {
 impl CodeSpace for ProcessCode {
     type Arch = X86_64;
 
-    fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        self.original_at(addr, buf)
-    }
-
-    fn check_boundary(&self, addr: u64) -> probe_core::Result<()> {
-        self.boundary_at(addr)
-    }
-
-    fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
-        self.read_live(addr, buf)
-    }
+    shared_code_space_methods!();
 
     fn prepare_detour(&self, addr: u64) -> Result<Detour, NotOptimizable> {
         // The trampoline hands its hit this probe's context directly (attach made it).
@@ -227,17 +217,6 @@ impl CodeSpace for ProcessCode {
             }
         }
         Ok(())
-    }
-
-    fn quiesce(&self) {
-        quiesce(self);
-    }
-
-    fn kick(&self) {
-        // Called with the optimizer's lock held: only wake the optimizer thread, if there is one.
-        if let Some(t) = OPTIMIZER_THREAD.get() {
-            t.unpark();
-        }
     }
 }
 
