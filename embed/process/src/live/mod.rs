@@ -498,8 +498,9 @@ impl Live {
     /// let hits = Arc::new(AtomicU64::new(0));
     /// let h = hits.clone();
     /// // Runs in the hitting thread's signal handler or trampoline: keep it async-signal-safe.
-    /// let consumer: Arc<Consumer> = Arc::new(move |r: &Regs| {
-    ///     h.fetch_add(r.rdi & 1, Ordering::Relaxed);
+    /// // (`Regs` is the arch's: `r.rdi` on x86_64, `r.x[0]` on aarch64.)
+    /// let consumer: Arc<Consumer> = Arc::new(move |_r: &Regs| {
+    ///     h.fetch_add(1, Ordering::Relaxed);
     /// });
     /// let probe = live.attach_symbol(EXE, "my_function", 0, consumer)?; // or `attach(addr, …)`
     /// // … threads call my_function: a breakpoint hit now, a jump hit once optimized …
@@ -780,9 +781,10 @@ impl Live {
     /// use std::sync::Arc;
     ///
     /// let live = Live::install()?;
-    /// let seen: Arc<Consumer> = Arc::new(|r: &Regs| { let _ = r.rsi; });
-    /// // zlib's crc32(crc, buf, len): buf in RSI on every call from any thread.
-    /// let probe = live.attach_symbol("libz.so.1", "crc32", 0, seen)?;
+    /// // zlib's crc32_z(crc, buf, len): every call from any thread (the registers are the
+    /// // arch's: `buf` is `r.rsi` on x86_64, `r.x[1]` on aarch64).
+    /// let seen: Arc<Consumer> = Arc::new(|_r: &Regs| {});
+    /// let probe = live.attach_symbol("libz.so.1", "crc32_z", 0, seen)?;
     /// live.detach(probe)?;
     /// # Ok::<(), probe_process::live::LiveError>(())
     /// ```
