@@ -225,7 +225,8 @@ pub fn build(
         c.push(v as u32);
         c.push((v >> 32) as u32);
     }
-    let addr_of = |i: usize| at + (i * INSN_LEN) as u64;
+    // Wrapping: `at` may be anywhere (the reach checks below refuse what does not reach).
+    let addr_of = |i: usize| at.wrapping_add((i * INSN_LEN) as u64);
     for (k, i) in (lit_loads..lit_loads + 3).enumerate() {
         let imm19 = ((lits + 2 * k - i) as u32) & 0x7_FFFF;
         c.w[i] |= imm19 << 5;
@@ -239,4 +240,25 @@ pub fn build(
         len: c.n,
         displaced: addr_of(displaced_at),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `a64_pipeline` fuzz target: a trampoline placed at the top of the address
+    /// space overflowed computing its own addresses (a panic in debug builds). It is refused
+    /// as out of reach, or built with wrapped addresses, and never panics.
+    #[test]
+    fn a_trampoline_at_the_top_of_the_address_space_does_not_panic() {
+        let add = 0x8B02_0020; // add x0, x1, x2
+        let top = u64::MAX & !7;
+        assert_eq!(build(top, 1, 2, 0x1000, add).unwrap_err(), BuildError::OutOfReach);
+        // Code that would cross 2^64: refused, not wrapped into a branch to nowhere.
+        assert_eq!(build(top - 0x100, 1, 2, top - 0x8000, add).unwrap_err(), BuildError::OutOfReach);
+        // Just below the top, within reach of its probe: built.
+        let at = top - 0x1000;
+        let t = build(at, 1, 2, top - 0x8000, add).unwrap();
+        assert_eq!(t.words()[((t.displaced - at) / 4) as usize], add);
+    }
 }

@@ -142,7 +142,11 @@ pub fn analyze(func: &[u8], func_start: u64, addr: u64) -> Result<JumpRange, Not
     // The last covered instruction starts before byte 5 and is at most 15 long.
     debug_assert!(covered <= MAX_DETOUR);
     range.len = covered as u8;
-    let end = addr + covered as u64;
+    // A range that would run past the top of the address space cannot be jumped over (and its
+    // branch checks below would wrap): refused, never a panic.
+    let end = addr
+        .checked_add(covered as u64)
+        .ok_or(NotOptimizable::OutOfReach)?;
     let mut target_in_range = None;
     let mut at = 0usize;
     while at < func.len() {
@@ -167,6 +171,18 @@ mod tests {
     use super::*;
 
     const F: u64 = 0x1000;
+
+    /// Found by the `x86_pipeline` fuzz target: a probe in the last bytes of the address space
+    /// overflowed computing the range's end (a panic in debug builds). It is refused.
+    #[test]
+    fn a_range_at_the_top_of_the_address_space_is_refused_not_a_panic() {
+        // mov eax, imm32 at u64::MAX - 4: its 5 bytes end exactly at 2^64.
+        let f = [0xB8, 1, 0, 0, 0];
+        assert_eq!(
+            analyze(&f, u64::MAX - 4, u64::MAX - 4),
+            Err(NotOptimizable::OutOfReach)
+        );
+    }
 
     #[test]
     fn refusals() {

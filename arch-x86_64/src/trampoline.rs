@@ -200,7 +200,10 @@ pub fn build(
         c.push(0x9D); // popfq
         c.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0, 0, 0]); // lea rsp, [rsp+128]
     }
-    let displaced = at + c.len as u64;
+    // A trampoline that would run past the top of the address space: refused, never a panic.
+    let displaced = at
+        .checked_add(c.len as u64)
+        .ok_or(Refusal::OutOfReach)?;
     c.extend_from_slice(range.displaced(displaced)?.bytes());
     if c.overflow {
         return Err(Refusal::TooLong);
@@ -225,6 +228,20 @@ pub fn sahf_in_long_mode() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `x86_pipeline` fuzz target: a trampoline placed in the last bytes of the
+    /// address space overflowed computing where its displaced code goes (a panic in debug
+    /// builds). It is refused as out of reach.
+    #[test]
+    fn a_trampoline_at_the_top_of_the_address_space_is_refused_not_a_panic() {
+        // push rbp; mov rbp, rsp; mov eax, 1 (9 bytes), probed at its start.
+        let f = [0x55, 0x48, 0x89, 0xE5, 0xB8, 1, 0, 0, 0];
+        let range = crate::detour::analyze(&f, 0x1000, 0x1000).unwrap();
+        assert_eq!(
+            build(u64::MAX - 0x40, 0x7000, 0x1234, 1024, &range).unwrap_err(),
+            Refusal::OutOfReach
+        );
+    }
     use crate::detour::analyze;
     use crate::insn::Insn;
 
