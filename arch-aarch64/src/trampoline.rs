@@ -253,9 +253,15 @@ mod tests {
     fn a_trampoline_at_the_top_of_the_address_space_does_not_panic() {
         let add = 0x8B02_0020; // add x0, x1, x2
         let top = u64::MAX & !7;
-        assert_eq!(build(top, 1, 2, 0x1000, add).unwrap_err(), BuildError::OutOfReach);
+        assert_eq!(
+            build(top, 1, 2, 0x1000, add).unwrap_err(),
+            BuildError::OutOfReach
+        );
         // Code that would cross 2^64: refused, not wrapped into a branch to nowhere.
-        assert_eq!(build(top - 0x100, 1, 2, top - 0x8000, add).unwrap_err(), BuildError::OutOfReach);
+        assert_eq!(
+            build(top - 0x100, 1, 2, top - 0x8000, add).unwrap_err(),
+            BuildError::OutOfReach
+        );
         // Just below the top, within reach of its probe: built.
         let at = top - 0x1000;
         let t = build(at, 1, 2, top - 0x8000, add).unwrap();

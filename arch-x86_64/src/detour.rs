@@ -89,6 +89,11 @@ impl JumpRange {
 /// assert_eq!(analyze(&f, 0x1000, 0x1009), Err(NotOptimizable::TooShort));
 /// ```
 pub fn analyze(func: &[u8], func_start: u64, addr: u64) -> Result<JumpRange, NotOptimizable> {
+    // A function that would run past the top of the address space is no function here (nor
+    // for `insn::check_boundary`, which this agrees with).
+    if func_start.checked_add(func.len() as u64).is_none() {
+        return Err(NotOptimizable::OutOfReach);
+    }
     let off = addr
         .checked_sub(func_start)
         .and_then(|o| usize::try_from(o).ok())
@@ -182,6 +187,12 @@ mod tests {
             analyze(&f, u64::MAX - 4, u64::MAX - 4),
             Err(NotOptimizable::OutOfReach)
         );
+        // A function that wraps past 2^64 (found by the same target: `analyze` accepted a
+        // probe `check_boundary` calls out of range): refused by both.
+        let g = [0x90; 20];
+        let start = u64::MAX - 14;
+        assert_eq!(analyze(&g, start, start), Err(NotOptimizable::OutOfReach));
+        assert!(crate::insn::check_boundary(&g, start, start).is_err());
     }
 
     #[test]

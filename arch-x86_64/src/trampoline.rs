@@ -201,9 +201,7 @@ pub fn build(
         c.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0, 0, 0]); // lea rsp, [rsp+128]
     }
     // A trampoline that would run past the top of the address space: refused, never a panic.
-    let displaced = at
-        .checked_add(c.len as u64)
-        .ok_or(Refusal::OutOfReach)?;
+    let displaced = at.checked_add(c.len as u64).ok_or(Refusal::OutOfReach)?;
     c.extend_from_slice(range.displaced(displaced)?.bytes());
     if c.overflow {
         return Err(Refusal::TooLong);
