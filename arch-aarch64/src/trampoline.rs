@@ -252,7 +252,7 @@ mod tests {
     #[test]
     fn a_trampoline_at_the_top_of_the_address_space_does_not_panic() {
         let add = 0x8B02_0020; // add x0, x1, x2
-        let top = u64::MAX & !7;
+        let top = !7u64;
         assert_eq!(
             build(top, 1, 2, 0x1000, add).unwrap_err(),
             BuildError::OutOfReach

@@ -120,7 +120,7 @@ mod imp {
                 std::thread::sleep(Duration::from_millis(3));
                 live.detach(p).expect("churn detach");
                 // zlib every tenth round: dlopen, a probe by name, calls, detach, dlclose.
-                if round % 10 == 0 {
+                if round.is_multiple_of(10) {
                     // SAFETY: a valid C string; zlib has no constructors with preconditions.
                     let z = unsafe { libc::dlopen(c"libz.so.1".as_ptr(), libc::RTLD_NOW) };
                     assert!(!z.is_null(), "dlopen libz.so.1");
