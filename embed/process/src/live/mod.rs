@@ -903,7 +903,8 @@ impl Live {
         if self.uninstalled.load(Ordering::Relaxed) {
             return Err(LiveError::Uninstalled);
         }
-        self.refresh_locked(&mut w, false)?;
+        // The maps were read just before, by `key_for` or `image_named` (each caller's first
+        // step): not read a second time per attach.
         let space = self.opt.space();
         let addr = match w.armed.get(&key) {
             Some(&a) => Some(a),
