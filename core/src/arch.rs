@@ -257,8 +257,22 @@ pub trait CodeSpace: Send + Sync {
     fn prepare_detour(&self, addr: u64) -> core::result::Result<Detour, NotOptimizable>;
 
     /// Frees a trampoline. probe-core calls it only after a quiescence wait that followed the
-    /// removal of every way into it.
+    /// removal of every way into it (and after [`CodeSpace::retire_detour`] on it).
     fn free_detour(&self, detour: &Detour);
+
+    /// The trampoline can no longer be entered by a new hit: its probe left the table (no trap
+    /// answer names it any more) and its jump is out of the code. probe-core calls this once per
+    /// trampoline, before the quiescence wait that precedes [`CodeSpace::free_detour`] — never
+    /// for the trampoline of a probe that is still in the table, whose jump may go back in (a
+    /// collision forced it out) and whose trap answers still lead into it.
+    ///
+    /// An embedder whose quiescence wait looks for CPUs *inside* trampolines looks only in the
+    /// retired ones. A wait that looked in live ones would wait for ever on a hot probe: some
+    /// CPU is always inside its trampoline. The default does nothing (a wait like
+    /// `synchronize_rcu_tasks()` needs no list).
+    fn retire_detour(&self, detour: &Detour) {
+        let _ = detour;
+    }
 
     /// Rewrites every site of `batch` with the arch's live-patch protocol while other CPUs may be
     /// executing there, and returns once every CPU will fetch the new bytes. On x86 that is the

@@ -1025,6 +1025,13 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         if w.code == Code::Jump {
             self.patch_now(s, to)?;
             self.with_inner(|i| i.stats.unoptimized += 1);
+            #[cfg(loom)]
+            if crate::seeded::is(crate::seeded::Bug::RetireLiveTrampoline) {
+                // The seeded bug: retired as its jump goes out, though it stays in the table.
+                if let Ok(d) = &s.detour {
+                    self.opt.space.retire_detour(d);
+                }
+            }
         } else if w.code != to {
             self.patch_now(s, to)?;
         }
@@ -1303,7 +1310,8 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         w.hashed = false;
         // SAFETY: locked.
         unsafe { s.set_w(w) };
-        if s.detour.is_ok() {
+        if let Ok(d) = &s.detour {
+            self.retire_detour(d);
             self.enqueue(s, Queue::Freeing);
             self.kick();
             return;
@@ -1500,6 +1508,16 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
         }
     }
 
+    /// Tells the embedder that `d` can no longer be entered ([`CodeSpace::retire_detour`]):
+    /// its site is out of the table (and so, being unused, out of the code too).
+    fn retire_detour(&mut self, d: &Detour) {
+        #[cfg(loom)]
+        if crate::seeded::is(crate::seeded::Bug::RetireSkipped) {
+            return;
+        }
+        self.opt.space.retire_detour(d);
+    }
+
     /// Step 1.
     fn do_unoptimize(&mut self) {
         let n = self.with_inner(|i| i.queues[1].len());
@@ -1537,6 +1555,13 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
                 // SAFETY: locked.
                 let mut w = unsafe { s.w() };
                 let was_jump = w.code == Code::Jump;
+                #[cfg(loom)]
+                if was_jump && crate::seeded::is(crate::seeded::Bug::RetireLiveTrampoline) {
+                    // The seeded bug: retired as its jump goes out, whether or not it stays.
+                    if let Ok(d) = &s.detour {
+                        self.opt.space.retire_detour(d);
+                    }
+                }
                 let repaired = !w.optimized;
                 w.code = self.rest_code(&w);
                 w.optimized = false;
@@ -1597,6 +1622,10 @@ impl<S: CodeSpace, R: Rcu, L: RawLock> Locked<'_, S, R, L> {
                 w.hashed = false;
                 // SAFETY: locked.
                 unsafe { s.set_w(w) };
+                if let Ok(d) = &s.detour {
+                    // Out of the table and out of the code: no new way in. Before the wait.
+                    self.retire_detour(d);
+                }
             }
         }
         // On failure they stay hashed and listed; step 4 skips them and the next run retries.

@@ -99,6 +99,13 @@ pub enum Bug {
     /// Live quiescence scan: an answer counts for whatever round is current, not the one it
     /// answers (a late answer to an abandoned round completes the new one).
     ScanAnswerAnyRound,
+    /// Optimizer: a trampoline is retired when its jump goes out, though its probe stays in the
+    /// table (a collision) — hits still enter it, and a quiescence wait that looks in retired
+    /// trampolines waits for ever (the process embedding's 2026-12 livelock).
+    RetireLiveTrampoline,
+    /// Optimizer: a freed trampoline is never retired (the quiescence wait before its free does
+    /// not look in it).
+    RetireSkipped,
 }
 
 std::thread_local! {

@@ -22,6 +22,17 @@
 //! the CPU is in it, every probe's consumers at most once per pass — exactly once for a probe
 //! enabled throughout.
 //!
+//! # Retired trampolines
+//!
+//! [`CodeSpace::retire_detour`] tells an embedder that a trampoline can no longer be entered, so
+//! that its quiescence wait looks for CPUs inside that one (and only those: a CPU is always
+//! inside a hot probe's live trampoline). The model checks both halves of that contract:
+//!
+//! * a CPU that saw a trampoline retired before its pass began (one SeqCst load) never enters
+//!   it in that pass — no jump to it in the code, no trap answer naming it. Retiring a live one is not a crash in an embedding but a wait that never ends;
+//!   here it is this assertion;
+//! * every freed trampoline was retired, and a quiescence wait came after its retirement.
+//!
 //! Two threads each (the CPU and the writer, which also runs the optimizer): unbounded.
 
 #![cfg(loom)]
@@ -59,6 +70,12 @@ struct ModelCode {
     /// the CPU loads (loom #392).
     shadow: std::sync::atomic::AtomicU32,
     trampolines: Vec<Trampoline>,
+    /// Bit `n`: trampoline `n` was retired (`retire_detour`). Read by the CPU before each fetch.
+    retired: AtomicU32,
+    /// Writer side: bit `n`, a quiescence wait ran after trampoline `n` was retired.
+    waited: std::sync::atomic::AtomicU32,
+    /// Writer side: a free that broke the retirement contract (what it was).
+    bad_free: std::sync::Mutex<Option<String>>,
     /// Trampoline number → address it serves, `u64::MAX` when free (writer-side bookkeeping).
     owner: Vec<std::sync::atomic::AtomicU64>,
     next: std::sync::atomic::AtomicUsize,
@@ -83,6 +100,9 @@ impl ModelCode {
                     check: FreeCheck::new(),
                 })
                 .collect(),
+            retired: AtomicU32::new(0),
+            waited: Default::default(),
+            bad_free: Default::default(),
             owner: (0..SLOTS)
                 .map(|_| std::sync::atomic::AtomicU64::new(u64::MAX))
                 .collect(),
@@ -163,13 +183,35 @@ impl CodeSpace for ModelCode {
     }
     fn free_detour(&self, d: &Detour) {
         let id = Self::id(d);
+        let bit = 1 << id;
+        // Relaxed: the writer's own bookkeeping (the CPU reads `retired` only).
+        if self.retired.load(Ordering::Relaxed) & bit == 0 {
+            *self.bad_free.lock().unwrap() = Some(format!("trampoline {id} freed, never retired"));
+        } else if self.waited.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
+            *self.bad_free.lock().unwrap() =
+                Some(format!("retired trampoline {id} freed with no wait after its retirement"));
+        }
         self.owner[id].store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
         self.trampolines[id].check.mark_freed();
     }
     fn patch(&self, batch: &[Patch]) -> Result<()> {
         patch_batch(self, batch).map(|_| ())
     }
-    fn quiesce(&self) {}
+    fn retire_detour(&self, d: &Detour) {
+        let bit = 1 << Self::id(d);
+        // SeqCst: the CPU's load before its fetch (`pass`) must see it if it comes after.
+        self.retired.fetch_or(bit, Ordering::SeqCst);
+        self.waited
+            .fetch_and(!bit, std::sync::atomic::Ordering::Relaxed);
+    }
+    /// The wait itself is the grace period (see the module docs); the model records that one
+    /// happened after each retirement so far.
+    fn quiesce(&self) {
+        // Relaxed: the writer's own bookkeeping.
+        let r = self.retired.load(Ordering::Relaxed);
+        self.waited
+            .fetch_or(r, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 type Opt = Optimizer<ModelCode, SlotRcu>;
@@ -204,6 +246,19 @@ fn pass(opt: &Opt) -> std::result::Result<Pass, String> {
     let mut way = None;
     let mut pc = 0usize;
     let mut restarts = 0;
+    // SeqCst pairs with the SeqCst `fetch_or` in `retire_detour`: a trampoline seen retired
+    // here was out of the table and out of the code before this pass's first fetch. (One load
+    // per pass, not per fetch: the model's size.)
+    let retired = code.retired.load(Ordering::SeqCst);
+    let enter = |id: usize| {
+        if retired & (1 << id) != 0 {
+            Err(format!(
+                "entered retired trampoline {id}, retired before the pass began"
+            ))
+        } else {
+            Ok(())
+        }
+    };
     while pc < LEN {
         let (b, tail) = code.fetch(pc);
         let how = match b {
@@ -226,6 +281,7 @@ fn pass(opt: &Opt) -> std::result::Result<Pass, String> {
                         }
                         Then::Detour(d) => {
                             let id = (d.displaced - DISPLACED) as usize;
+                            enter(id)?;
                             code.trampolines[id].check.check();
                             let n = usize::from(d.len);
                             log.extend_from_slice(&ORIGINAL[pc..pc + n]);
@@ -248,6 +304,7 @@ fn pass(opt: &Opt) -> std::result::Result<Pass, String> {
                     return Err(format!("a half-written jump: E9 {tail:02x}"));
                 }
                 let id = usize::from(tail & 0x7F);
+                enter(id)?;
                 code.trampolines[id].check.check();
                 fires[pc] += u32::from(opt.on_trampoline(&g, pc as u64));
                 let n = usize::from(JUMP_LEN);
@@ -282,6 +339,9 @@ fn pass(opt: &Opt) -> std::result::Result<Pass, String> {
 /// After the writer's `wait_for_optimizer`: each probe's code is what its state says, every
 /// other byte is original (or under a jump), and trampolines live exactly as long as probes.
 fn settled(opt: &Opt) {
+    if let Some(bad) = opt.space().bad_free.lock().unwrap().take() {
+        panic!("{bad} (the retired trampoline contract)");
+    }
     let now = opt.space().bytes();
     let mut covered = [false; LEN];
     for a in 0..LEN as u64 {
@@ -406,6 +466,11 @@ fn seeded_free_before_quiescence() {
     common::must_catch(Bug::FreeBeforeQuiescence, unoptimize_vs_cpu);
 }
 
+#[test]
+fn seeded_retire_skipped() {
+    common::must_catch(Bug::RetireSkipped, unoptimize_vs_cpu);
+}
+
 /// Unregister an optimized probe and register it again before any optimizer run, while a CPU
 /// passes: the unused probe is revived where it stands (kprobes' `reuse_unused_kprobe`) instead
 /// of failing with `Busy`. A pass that begins after the revival returned must fire it; the code
@@ -526,7 +591,14 @@ fn seeded_2023_freeing_list_skipped() {
 }
 
 /// Linux 2026: a probe blocked by an optimized neighbour inside its range is optimized once that
-/// neighbour is unregistered through the unoptimizing list (a liveness rule).
+/// neighbour is unregistered through the unoptimizing list (a liveness rule). Here the blocked
+/// probe was optimized first and forced back to its breakpoint by the neighbour's registration
+/// (a collision), so it never left the table: its trampoline must never be retired, since the
+/// CPU enters it by its trap answer and, once the jump is back, by the jump.
+///
+/// Catches not retrying the blocked probe, and retiring a trampoline when its jump goes out (what
+/// the process embedding did until 2026-12: its quiescence wait then waited for ever on threads
+/// hitting the forced probe — the soak's livelock).
 fn blocked_retry_vs_cpu() {
     common::explore(
         "optimizer: blocked probe retried vs CPU",
@@ -534,9 +606,10 @@ fn blocked_retry_vs_cpu() {
         &[Way::TrapDetour, Way::Jumped],
         || {
             let opt = world();
+            opt.register(0).unwrap();
+            opt.wait_for_optimizer();
             opt.register(1).unwrap();
             opt.wait_for_optimizer();
-            opt.register(0).unwrap();
             let (p, _) = race(&opt, |opt, _| {
                 opt.unregister(1).unwrap();
                 opt.wait_for_optimizer();
@@ -561,4 +634,9 @@ fn blocked_retry_races_cpu() {
 #[test]
 fn seeded_2026_blocked_probe_not_retried() {
     common::must_catch(Bug::BlockedNotRetried, blocked_retry_vs_cpu);
+}
+
+#[test]
+fn seeded_retire_live_trampoline() {
+    common::must_catch(Bug::RetireLiveTrampoline, blocked_retry_vs_cpu);
 }

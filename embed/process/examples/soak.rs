@@ -1,15 +1,15 @@
 //! A soak of the process embedding: hits on every thread while the main thread churns probes
 //! (attach, optimize, detach), `dlopen`/`dlclose`s zlib with a probe that follows it, and
 //! samples the resident set. The exact-hit oracle: one probe on `soak_target` stays attached
-//! (and jump-optimized) for the whole run while probes right after its jump range are attached,
+//! for the whole run while probes inside and right after its jump range are attached,
 //! optimized and detached beside it — its hit count must equal the calls the threads made,
 //! exactly; the zlib probe must see exactly the calls made while zlib was mapped and it was
 //! armed.
 //!
-//! Known, not fixed yet: churning a probe *inside* the permanent probe's jump range
-//! (`SOAK_OFFS=4`) hangs the detach — the quiescence wait for the permanent probe's trampoline
-//! never ends while the threads hit it in a tight loop (each answers from an XOL copy that
-//! resumes inside the range). `SOAK_OFFS` takes a comma-separated list of offsets.
+//! The churned probe takes three places in turn: inside the permanent probe's jump range
+//! (offset 4: a collision, which forces the permanent probe back to its breakpoint until the
+//! churned one is gone, then has it optimized again) and just after it (offsets 7 and 8).
+//! `SOAK_OFFS` takes another comma-separated list of offsets.
 //!
 //! ```sh
 //! cargo run --release -p probe-process --example soak -- 600   # seconds (CI runs 5)
@@ -110,10 +110,11 @@ mod imp {
                 let c: Arc<Consumer> = Arc::new(move |_: &Regs| {
                     ch.fetch_add(1, Ordering::Relaxed);
                 });
-                // Offsets of the churned probe: after the permanent one's jump range (0..7).
+                // Offsets of the churned probe: inside the permanent one's jump range (0..7),
+                // and after it.
                 let offs: Vec<u64> = std::env::var("SOAK_OFFS")
                     .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
-                    .unwrap_or(vec![7, 8]);
+                    .unwrap_or(vec![4, 7, 8]);
                 let off = offs[round as usize % offs.len()];
                 let p = live.attach(at + off, c).expect("churn attach");
                 attaches += 1;

@@ -25,6 +25,7 @@ pub const CAUGHT: &[&str] = &[
     "never retried",
     "executed twice or skipped",
     "code differs",
+    "retired trampoline",
 ];
 
 /// Runs `model` with `bug` switched on and asserts it fails with one of [`CAUGHT`].

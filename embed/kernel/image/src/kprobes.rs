@@ -93,7 +93,8 @@ pub static RESTARTS: AtomicU64 = AtomicU64::new(0);
 pub struct KernelText {
     /// `(start, original bytes)` per probe-able function.
     functions: Vec<(u64, Vec<u8>)>,
-    /// Trampoline slots: 0 never used, 1 in use, 2 freed (reusable). Under the optimizer's lock.
+    /// Trampoline slots: 0 never used, 1 in use, 2 freed (reusable), 3 retired (nothing can
+    /// enter it any more; freed after the next quiescence wait). Under the optimizer's lock.
     slots: UnsafeCell<[u8; TRAMPOLINE_SLOTS]>,
     /// Prepared jump ranges `(start, end)` (0, 0 when free): a CPU strictly inside one keeps
     /// the quiescence wait waiting.
@@ -219,6 +220,12 @@ impl CodeSpace for KernelText {
         TRAMPOLINES_FREED.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn retire_detour(&self, d: &Detour) {
+        let i = ((d.trampoline - TRAMPOLINES.0.get() as u64) as usize) / TRAMPOLINE;
+        // SAFETY: under the optimizer's lock.
+        unsafe { (*self.slots.get())[i] = 3 };
+    }
+
     fn patch(&self, batch: &[Patch]) -> probe_core::Result<()> {
         patch_batch(&Writer, batch).map(|_| ())
     }
@@ -226,6 +233,12 @@ impl CodeSpace for KernelText {
     fn quiesce(&self) {
         let tramp = TRAMPOLINES.0.get() as u64;
         let tramp_end = tramp + (TRAMPOLINE * TRAMPOLINE_SLOTS) as u64;
+        // SAFETY: under the optimizer's lock (the only writer of `slots`).
+        let slots = unsafe { &*self.slots.get() };
+        // Only retired trampolines: a CPU is always inside a hot probe's live one.
+        let retired = |rip: u64| {
+            rip >= tramp && rip < tramp_end && slots[(rip - tramp) as usize / TRAMPOLINE] == 3
+        };
         let me = this_cpu_index();
         loop {
             smp::sync_others();
@@ -233,7 +246,7 @@ impl CodeSpace for KernelText {
             let inside = (0..online).filter(|&c| c != me).any(|c| {
                 // Relaxed: ordered by the sync's Acquire of this CPU's ack.
                 let rip = PERCPU[c].rip.load(Ordering::Relaxed);
-                (rip >= tramp && rip < tramp_end)
+                retired(rip)
                     || self.ranges.iter().any(|(s, e)| {
                         let (s, e) = (s.load(Ordering::Relaxed), e.load(Ordering::Relaxed));
                         rip > s && rip < e

@@ -24,8 +24,15 @@ pub(super) struct ProcessCode {
     pub(super) xstate: XState,
     /// Probe address → its [`ProbeCtx`] (XOL copy, consumer list for trampolines).
     pub(super) xol_map: XolMap,
-    /// Trampolines whose jump was taken out (found in `patch`), until `free_detour`.
+    /// Retired trampolines ([`CodeSpace::retire_detour`]: nothing can enter them any more),
+    /// until `free_detour`.
     pub(super) retiring: Box<[AtomicU64]>,
+    /// Retired trampolines the table had no room for, until their `free_detour`: while any
+    /// is, every trampoline counts as retiring (a wait that may last longer, never a free
+    /// under a thread).
+    pub(super) retiring_overflow: AtomicU64,
+    /// Which trampolines `retiring_overflow` counts (the optimizer's side only).
+    pub(super) overflowed: Mutex<Vec<u64>>,
     /// Statistics (Relaxed counters, writer side only).
     pub(super) trampolines_made: AtomicU64,
     pub(super) trampolines_reused: AtomicU64,
@@ -70,27 +77,45 @@ impl ProcessCode {
     /// removal of every way into the trampoline: it can be reused.
     pub(super) fn release_trampoline(&self, tramp: u64) {
         self.ranges.remove(tramp);
+        let mut listed = false;
         for r in self.retiring.iter() {
             // Relaxed: the retiring table is written only by the optimizer's (this) thread.
             if r.load(Ordering::Relaxed) == tramp {
                 // Relaxed: only this (the optimizer's) thread writes the table.
                 r.store(0, Ordering::Relaxed);
+                listed = true;
             }
         }
+        let mut over = self.overflowed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = over.iter().position(|t| *t == tramp).filter(|_| !listed) {
+            // One of the overflow's: its free follows a wait that counted every trampoline.
+            over.swap_remove(i);
+            // Relaxed: readers only compare it with zero, and a stale non-zero answer only
+            // makes a wait longer.
+            self.retiring_overflow.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(over);
         self.areas.free_trampoline(tramp);
         // Relaxed: statistics.
         self.trampolines_freed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(super) fn is_retiring(&self, tramp: u64) -> bool {
-        // Acquire pairs with the Release store in `retire`.
-        self.retiring
-            .iter()
-            .any(|r| r.load(Ordering::Acquire) == tramp)
+        // Acquire pairs with the Release store in `retire` (both loads).
+        self.retiring_overflow.load(Ordering::Acquire) > 0
+            || self
+                .retiring
+                .iter()
+                .any(|r| r.load(Ordering::Acquire) == tramp)
     }
 
     pub(super) fn retire(&self, tramp: u64) {
-        if self.is_retiring(tramp) {
+        if self
+            .retiring
+            .iter()
+            // Relaxed: the table is written only by the optimizer's (this) thread.
+            .any(|r| r.load(Ordering::Relaxed) == tramp)
+        {
             return;
         }
         for r in self.retiring.iter() {
@@ -101,11 +126,19 @@ impl ProcessCode {
                 return;
             }
         }
+        // No room: count it (see `retiring_overflow`).
+        let mut over = self.overflowed.lock().unwrap_or_else(|e| e.into_inner());
+        if !over.contains(&tramp) {
+            over.push(tramp);
+            // Release pairs with the Acquire in `is_retiring`.
+            self.retiring_overflow.fetch_add(1, Ordering::Release);
+        }
     }
 }
 
 /// The `CodeSpace` methods both instruction sets' impls share: the original code from the
-/// object images, boundaries, live reads, the quiescence wait, the optimizer thread's kick.
+/// object images, boundaries, live reads, retiring trampolines, the quiescence wait, the
+/// optimizer thread's kick.
 macro_rules! shared_code_space_methods {
     () => {
         fn read_original(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
@@ -118,6 +151,14 @@ macro_rules! shared_code_space_methods {
 
         fn read(&self, addr: u64, buf: &mut [u8]) -> probe_core::Result<()> {
             self.read_live(addr, buf)
+        }
+
+        fn retire_detour(&self, detour: &Detour) {
+            // From now until its free, a thread found inside it keeps the quiescence wait
+            // waiting. Only a trampoline nothing can enter any more is retired: a live one
+            // (its probe forced back to a breakpoint by a collision, say) is entered by every
+            // hit, and a wait that looked in it would never end.
+            self.retire(detour.trampoline);
         }
 
         fn quiesce(&self) {

@@ -512,19 +512,6 @@ impl CodeSpace for ProcessCode {
                 return Err(e);
             }
         }
-        // A `B` gone out cuts its trampoline off: from now until it is freed, a thread found
-        // inside it keeps the quiescence wait waiting (the wait comes after this returns).
-        for p in &sites {
-            if let (Some(old), Some(new)) = (
-                probe_arch_aarch64::word(p.old()),
-                probe_arch_aarch64::word(p.new_bytes()),
-            ) && old & 0xFC00_0000 == 0x1400_0000
-                && new & 0xFC00_0000 != 0x1400_0000
-            {
-                let off = (((old & 0x03FF_FFFF) << 6) as i32 >> 4) as i64;
-                self.retire(p.addr.wrapping_add(off as u64));
-            }
-        }
         Ok(())
     }
 }

@@ -205,17 +205,6 @@ impl CodeSpace for ProcessCode {
         let batch = &live[..];
         // All or nothing: a failed batch was rolled back, and its trampolines stay in use.
         patch_batch(&self.mem, batch)?;
-        // A jump gone out cuts its trampoline off: from now until it is freed, a thread found
-        // inside it keeps the quiescence wait waiting (the wait comes after this returns).
-        for p in batch {
-            if let ([probe_arch_x86_64::JMP_REL32, a, b, c, d, ..], [n, ..]) =
-                (p.old(), p.new_bytes())
-                && *n != probe_arch_x86_64::JMP_REL32
-            {
-                let rel = i32::from_le_bytes([*a, *b, *c, *d]);
-                self.retire(p.addr.wrapping_add(5).wrapping_add(rel as i64 as u64));
-            }
-        }
         Ok(())
     }
 }

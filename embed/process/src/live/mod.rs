@@ -65,17 +65,28 @@
 //! process has no `synchronize_rcu_tasks`, so the wait ([`CodeSpace::quiesce`]) asks every other
 //! thread: it sends each a real-time signal carrying a round number, and each answers from its
 //! handler whether the interrupted RIP is strictly inside a prepared jump range, in an XOL copy
-//! that jumps back into one, or in a trampoline that is retiring (or whether it is running that
-//! trampoline's consumers, a thread-local flag). A round with every thread answering "outside"
+//! that jumps back into one, or in a retired trampoline (or whether it is running that
+//! trampoline's consumers, a thread-local flag). A trampoline is retired when core says nothing
+//! can enter it any more ([`CodeSpace::retire_detour`]: its probe left the table), never merely
+//! when its jump goes out: a probe forced back to its breakpoint by a collision keeps sending
+//! its hits into its trampoline, and a wait that looked for threads there would never end on a
+//! hot probe. A round with every thread answering "outside"
 //! ends the wait ([`probe_core::scan`]; the round number keeps late answers to an abandoned round
 //! from completing a new one — loom-checked with its seeded bug). The SIGTRAP handler blocks the
 //! scan's signal, so a thread redirected into a trampoline answers from there, never from just
 //! before. Threads hitting *other* probes do not hold the wait up.
 //!
-//! One case the scan does not see: a thread interrupted inside a retiring trampoline by the
-//! program's own signal handler, still running that handler when the scan asks (the scan sees the
-//! innermost frame only). Trampolines are reused only after such a wait, so the window is a
-//! program handler that outlives a whole optimizer batch at exactly that spot.
+//! Two cases the scan does not see, both narrow:
+//!
+//! * a thread interrupted inside a retired trampoline by the program's own signal handler,
+//!   still running that handler when the scan asks (the scan sees the innermost frame only).
+//!   Trampolines are reused only after such a wait, so the window is a program handler that
+//!   outlives a whole optimizer batch at exactly that spot;
+//! * a thread between the end of `trampoline_entry`'s bookkeeping (the thread-local flag is
+//!   back to its outer value) and its return into the trampoline: a few instructions of the
+//!   function's epilogue. It answers "outside" and then returns into the retired trampoline;
+//!   that is safe unless the trampoline is freed *and* reused and rewritten before the thread,
+//!   after answering, executes its next few instructions.
 //!
 //! Every thread must be able to take the scan's signal (`SIGRTMIN + 7`): a thread that blocks
 //! it for good keeps every quiescence wait, and so the optimizer, waiting.
@@ -555,6 +566,8 @@ impl Live {
                 xstate,
                 xol_map: XolMap::new(),
                 retiring: (0..RETIRING).map(|_| AtomicU64::new(0)).collect(),
+                retiring_overflow: AtomicU64::new(0),
+                overflowed: Mutex::new(Vec::new()),
                 trampolines_made: AtomicU64::new(0),
                 trampolines_reused: AtomicU64::new(0),
                 trampolines_freed: AtomicU64::new(0),
