@@ -45,6 +45,7 @@
 //! | [`CodeSpace::read`] | a hit where no probe is (is a trap still there?) | no | no | yes: the trap is answered "not ours" |
 //! | [`CodeSpace::patch`] | writers and optimizer runs, under `M` | no (the batch is preallocated) | yes (cross-CPU syncs) | yes, all or nothing: the batch rolled back; a run retries, a registration or enable fails and changes nothing, a disable leaves the harmless breakpoint to the next run |
 //! | [`CodeSpace::quiesce`] | optimizer runs, under `M` | yes | yes | no |
+//! | [`CodeSpace::retire_detour`] | optimizer runs and writers under `M`, once per trampoline, after its probe left the table and before the wait that precedes its free | yes | no | no |
 //! | [`CodeSpace::free_detour`] | optimizer runs under `M`, after a quiescence wait; failed registrations | yes | yes | no |
 //! | [`CodeSpace::kick`] | writers under `M` | no | no (schedule the run; never run the optimizer from inside it: `M` is held) | no |
 //! | `live_patch::CodeWriter` `write` / `sync_cores` (the x86_64 crate) | inside [`CodeSpace::patch`], so under `M` | no | `sync_cores`: yes | `write`: yes, having stored nothing; `patch_batch` then rolls the batch back through the same protocol in reverse |
