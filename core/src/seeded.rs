@@ -106,6 +106,15 @@ pub enum Bug {
     /// Optimizer: a freed trampoline is never retired (the quiescence wait before its free does
     /// not look in it).
     RetireSkipped,
+    /// Tree: a hot word changed in place is stored Relaxed (a hit reads the new consumer list's
+    /// pointer without its contents).
+    HotWordRelaxed,
+    /// Registry: a new consumer list is published in the probe but not in its leaf's hot word
+    /// (hits keep reading the old list after its free).
+    HotWordNotUpdated,
+    /// Registry: a new consumer list is published (probe and hot word) without the tree lock, so
+    /// a leaf copied meanwhile by another object's writer carries the old word.
+    HotWordOutsideTreeLock,
 }
 
 std::thread_local! {

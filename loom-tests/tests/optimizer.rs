@@ -188,8 +188,9 @@ impl CodeSpace for ModelCode {
         if self.retired.load(Ordering::Relaxed) & bit == 0 {
             *self.bad_free.lock().unwrap() = Some(format!("trampoline {id} freed, never retired"));
         } else if self.waited.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
-            *self.bad_free.lock().unwrap() =
-                Some(format!("retired trampoline {id} freed with no wait after its retirement"));
+            *self.bad_free.lock().unwrap() = Some(format!(
+                "retired trampoline {id} freed with no wait after its retirement"
+            ));
         }
         self.owner[id].store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
         self.trampolines[id].check.mark_freed();
