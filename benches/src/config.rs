@@ -55,9 +55,10 @@ registers/unregisters probes and maps/unmaps code. Prints a table; writes CSV an
 flags (each takes a value, as `--flag value` or `--flag=value`):
   --threads LIST    hitting-thread counts, e.g. 1,2,4   (default: 1..=cores, then 2 x cores)
   --probes LIST     probe counts, e.g. 1k,100k          (default: 1k,100k)
-  --duration TIME   measured window per point, e.g. 200ms or 1s   (default: 200ms)
-  --warmup TIME     unmeasured run before each window   (default: 50ms)
-  --repeats N       windows per point; the median is reported   (default: 3)
+  --duration TIME   measured window per point and round, e.g. 100ms or 1s   (default: 100ms)
+  --warmup TIME     unmeasured run before each window   (default: 30ms)
+  --repeats N       rounds: windows per point, every implementation once per round in a
+                    rotated order; the median and spread are reported   (default: 15)
   --churn N         probe registrations+unregistrations per second, 0 for none   (default: 1000)
   --mm-churn N      maps+unmaps per second (resolve table), 0 for none   (default: 1000)
   --only TABLE      lookup or resolve   (default: both)
@@ -79,9 +80,9 @@ impl Config {
         Self {
             threads,
             probes: vec![1_000, 100_000],
-            duration: Duration::from_millis(200),
-            warmup: Duration::from_millis(50),
-            repeats: 3,
+            duration: Duration::from_millis(100),
+            warmup: Duration::from_millis(30),
+            repeats: 15,
             churn: 1000,
             mm_churn: 1000,
             tables: vec![Table::Lookup, Table::Resolve],
@@ -174,7 +175,7 @@ impl Config {
 }
 
 /// `1000`, `1k`, `100k`, `2m`.
-fn number(s: &str) -> Result<u64, String> {
+pub fn number(s: &str) -> Result<u64, String> {
     let (digits, scale) = match s.as_bytes().last() {
         Some(b'k' | b'K') => (&s[..s.len() - 1], 1_000),
         Some(b'm' | b'M') => (&s[..s.len() - 1], 1_000_000),

@@ -40,6 +40,30 @@ pub struct Sample {
     pub churn_per_s: f64,
     /// Maps + unmaps per second achieved during the window.
     pub mm_churn_per_s: f64,
+    /// CPU seconds the writer threads used per second of the window (1.0: one whole vCPU) —
+    /// taken from the hitters on a machine with as many hitters as cores.
+    pub writer_cpu: f64,
+    /// CPU seconds the hitting threads got per second of the window.
+    pub hitter_cpu: f64,
+}
+
+/// CPU time a running thread has used so far, in seconds (its `pthread_getcpuclockid` clock);
+/// 0 if the clock cannot be read.
+fn thread_cpu(t: libc::pthread_t) -> f64 {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `t` is a live thread (its handle is not joined yet); `clock` is a valid out pointer.
+    if unsafe { libc::pthread_getcpuclockid(t, &mut clock) } != 0 {
+        return 0.0;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and out pointer.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 /// Runs `c` on `threads` hitting threads for one window; checks every hit's answer.
@@ -60,6 +84,9 @@ pub fn measure<C: Contender>(
     let churned = CachePadded::new(AtomicU64::new(0));
     let mm_churned = CachePadded::new(AtomicU64::new(0));
     let stop = AtomicBool::new(false);
+    // Each thread's pthread id, for its CPU clock (hitters, then the two writers).
+    let hitter_ids: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
+    let writer_ids = [AtomicU64::new(0), AtomicU64::new(0)];
     let snapshot = |counts: &[CachePadded<AtomicU64>]| -> u64 {
         // Relaxed: a count is a statistic; exactness comes from the checks after joining.
         counts.iter().map(|n| n.load(Ordering::Relaxed)).sum()
@@ -67,9 +94,13 @@ pub fn measure<C: Contender>(
     std::thread::scope(|s| {
         let hitters: Vec<_> = (0..threads)
             .map(|t| {
-                let (count, stop) = (&counts[t], &stop);
+                let (count, stop, id) = (&counts[t], &stop, &hitter_ids[t]);
                 let stream = w.stream(t);
-                s.spawn(move || hit_loop(c, stream, count, stop))
+                s.spawn(move || {
+                    // Relaxed: see `cpu`. SAFETY: pthread_self has no preconditions.
+                    id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
+                    hit_loop(c, stream, count, stop)
+                })
             })
             .collect();
         // One writer per kind of churn, so a contender whose registrations are slow (a whole
@@ -78,8 +109,10 @@ pub fn measure<C: Contender>(
         let period = |rate: u64| (rate > 0).then(|| Duration::from_secs_f64(2.0 / rate as f64));
         let writers = [
             period(win.churn).map(|pr| {
-                let (churned, stop) = (&churned, &stop);
+                let (churned, stop, id) = (&churned, &stop, &writer_ids[0]);
                 s.spawn(move || {
+                    // Relaxed: see `cpu`. SAFETY: pthread_self has no preconditions.
+                    id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
                     writer_loop(pr, churned, stop, |i| {
                         let k = i % w.churn.len();
                         c.register(&w.churn[k], &p.churn[k]);
@@ -88,8 +121,10 @@ pub fn measure<C: Contender>(
                 })
             }),
             period(win.mm_churn).map(|pm| {
-                let (mm_churned, stop) = (&mm_churned, &stop);
+                let (mm_churned, stop, id) = (&mm_churned, &stop, &writer_ids[1]);
                 s.spawn(move || {
+                    // Relaxed: see `cpu`. SAFETY: pthread_self has no preconditions.
+                    id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
                     writer_loop(pm, mm_churned, stop, |_| {
                         c.map(&w.churn_mapping);
                         c.unmap(&w.churn_mapping);
@@ -97,7 +132,17 @@ pub fn measure<C: Contender>(
                 })
             }),
         ];
+        // Relaxed: each thread's own id, stored at its start, long before the warm-up ends (a
+        // thread not started yet reads as 0 and counts nothing).
+        let cpu = |ids: &[AtomicU64]| {
+            ids.iter()
+                .map(|i| i.load(Ordering::Relaxed))
+                .filter(|&i| i != 0)
+                .map(|i| thread_cpu(i as libc::pthread_t))
+                .sum::<f64>()
+        };
         std::thread::sleep(win.warmup);
+        let (wcpu0, hcpu0) = (cpu(&writer_ids), cpu(&hitter_ids));
         let (h0, c0, m0, t0) = (
             snapshot(&counts),
             churned.load(Ordering::Relaxed),
@@ -111,6 +156,7 @@ pub fn measure<C: Contender>(
             mm_churned.load(Ordering::Relaxed),
             t0.elapsed().as_secs_f64(),
         );
+        let (wcpu1, hcpu1) = (cpu(&writer_ids), cpu(&hitter_ids));
         // Relaxed: the flag carries no data; joins order everything after it.
         stop.store(true, Ordering::Relaxed);
         for (t, h) in hitters.into_iter().enumerate() {
@@ -136,6 +182,8 @@ pub fn measure<C: Contender>(
             hits_per_s: (h1 - h0) as f64 / dt,
             churn_per_s: (c1 - c0) as f64 / dt,
             mm_churn_per_s: (m1 - m0) as f64 / dt,
+            writer_cpu: (wcpu1 - wcpu0) / dt,
+            hitter_cpu: (hcpu1 - hcpu0) / dt,
         }
     })
 }
@@ -191,6 +239,28 @@ pub trait Measure {
     fn measure(&self, w: &Workload, p: &Probes, threads: usize, win: Window) -> Sample;
     /// Hits every target of thread 0's stream once, without churn; the registers after.
     fn check(&self, w: &Workload) -> Regs;
+    /// Hits thread 0's stream `passes` times on this thread, inside [`counted_hits`] (what
+    /// `contention --instructions` has callgrind count).
+    fn counted(&self, w: &Workload, passes: usize) -> Regs;
+}
+
+/// The hit loop callgrind counts (`--toggle-collect=*counted_hits*`): `passes` passes over
+/// `stream` on one thread, nothing else (the thread's state, `local` — a private copy, for the
+/// ceiling — is made before). Never inlined, so that it has a name to toggle on.
+#[inline(never)]
+pub fn counted_hits<'a, C: Contender>(
+    c: &'a C,
+    local: &mut C::Local<'a>,
+    stream: &[Target],
+    passes: usize,
+) -> Regs {
+    let mut regs = Regs::default();
+    for _ in 0..passes {
+        for t in stream {
+            c.hit(local, t, &mut regs);
+        }
+    }
+    regs
 }
 
 impl<C: Contender> Measure for C {
@@ -199,6 +269,10 @@ impl<C: Contender> Measure for C {
     }
     fn measure(&self, w: &Workload, p: &Probes, threads: usize, win: Window) -> Sample {
         measure(self, w, p, threads, win)
+    }
+    fn counted(&self, w: &Workload, passes: usize) -> Regs {
+        let mut local = self.local();
+        counted_hits(self, &mut local, w.stream(0), passes)
     }
     fn check(&self, w: &Workload) -> Regs {
         let mut local = self.local();

@@ -15,7 +15,151 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// Every implementation of `table`, in report order.
+fn contenders(table: Table, w: &Workload, p: &Probes) -> Vec<Box<dyn Measure + Sync>> {
+    (0..table_size(table))
+        .filter_map(|i| contender(table, i, w, p))
+        .collect()
+}
+
+fn table_size(table: Table) -> usize {
+    match table {
+        Table::Lookup => 6,
+        Table::Resolve => 5,
+    }
+}
+
+/// Implementation `i` of `table` (`None` past the last).
+fn contender(table: Table, i: usize, w: &Workload, p: &Probes) -> Option<Box<dyn Measure + Sync>> {
+    Some(match (table, i) {
+        (Table::Lookup, 0) => Box::new(CoreLookup::new(p)),
+        (Table::Lookup, 1) => Box::new(KprobeLookup::new(w)),
+        (Table::Lookup, 2) => Box::new(Seed000Lookup::new(p)),
+        (Table::Lookup, 3) => Box::new(RwLockLookup::new(p)),
+        (Table::Lookup, 4) => Box::new(ArcSwapLookup::new(p)),
+        (Table::Lookup, 5) => Box::new(CeilingLookup::new(p)),
+        (Table::Resolve, 0) => Box::new(CoreResolve::new(w, p)),
+        (Table::Resolve, 1) => Box::new(Seed000Resolve::new(w, p)),
+        (Table::Resolve, 2) => Box::new(RwLockResolve::new(w, p)),
+        (Table::Resolve, 3) => Box::new(SeqLockResolve::new(w, p)),
+        (Table::Resolve, 4) => Box::new(CeilingResolve::new(w, p)),
+        _ => return None,
+    })
+}
+
+/// Hits counted per pass of the stream in `--instructions` mode (three passes).
+const PASSES: usize = 3;
+
+/// `--count-one TABLE PROBES INDEX`: the child callgrind runs — builds one implementation and
+/// makes `PASSES` passes of thread 0's stream inside `counted_hits`.
+fn count_one(args: &[String]) -> Result<(), String> {
+    let [table, probes, index] = args else {
+        return Err("--count-one TABLE PROBES INDEX".into());
+    };
+    let table = match table.as_str() {
+        "lookup" => Table::Lookup,
+        "resolve" => Table::Resolve,
+        t => return Err(format!("no table `{t}`")),
+    };
+    let probes: usize = probes.parse().map_err(|e| format!("{e}"))?;
+    let index: usize = index.parse().map_err(|e| format!("{e}"))?;
+    let w = Workload::new(probes, 1);
+    let p = Probes::new(&w);
+    let c = contender(table, index, &w, &p).ok_or("no such implementation")?;
+    let regs = c.counted(&w, PASSES);
+    let full = Workload::expected(w.stream(0));
+    if regs.hits != full.hits * PASSES as u64 {
+        return Err(format!("{}: wrong hits {regs:?}", c.name()));
+    }
+    Ok(())
+}
+
+/// `--instructions [PROBES,...]`: per-hit instruction counts of every implementation, one
+/// thread, no churn, from callgrind (`valgrind --tool=callgrind --toggle-collect`): counts of
+/// instructions executed, so the same on any x86-64 machine for the same binary.
+fn instructions(args: &[String]) -> Result<(), String> {
+    let probes: Vec<usize> = match args.first() {
+        Some(list) => list
+            .split(',')
+            .map(|x| {
+                probe_benches::config::number(x)
+                    .map(|n| n as usize)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?,
+        None => vec![1_000, 100_000],
+    };
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("probe-core-callgrind-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    println!(
+        "instructions per hit, one thread, no churn (callgrind, {} passes of a {}-hit stream); {}",
+        PASSES,
+        probe_benches::workload::STREAM,
+        probe_benches::cpu_model()
+    );
+    for table in [Table::Lookup, Table::Resolve] {
+        for &n in &probes {
+            println!("\n{} {n} probes", table.name());
+            let w = Workload::new(n.min(1_000), 1);
+            let p = Probes::new(&w);
+            for i in 0..table_size(table) {
+                let Some(c) = contender(table, i, &w, &p) else {
+                    continue;
+                };
+                let name = c.name();
+                drop(c);
+                let out = dir.join(format!("{}-{n}-{i}.out", table.name()));
+                let status = std::process::Command::new("valgrind")
+                    .arg("--tool=callgrind")
+                    .arg("--toggle-collect=*counted_hits*")
+                    .arg(format!("--callgrind-out-file={}", out.display()))
+                    .arg(&exe)
+                    .args(["--count-one", table.name(), &n.to_string(), &i.to_string()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .map_err(|e| format!("valgrind: {e} (apt-get install valgrind)"))?;
+                if !status.success() {
+                    return Err(format!("valgrind on {name} failed: {status}"));
+                }
+                let text = std::fs::read_to_string(&out).map_err(|e| e.to_string())?;
+                let total: u64 = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("totals:")
+                            .or_else(|| l.strip_prefix("summary:"))
+                    })
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                    .ok_or("no totals in the callgrind output")?;
+                let hits = (PASSES * probe_benches::workload::STREAM) as f64;
+                println!("  {name:<30} {:>8.1}", total as f64 / hits);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match argv.first().map(String::as_str) {
+        Some("--count-one") => {
+            if let Err(e) = count_one(&argv[1..]) {
+                eprintln!("contention --count-one: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        Some("--instructions") => {
+            if let Err(e) = instructions(&argv[1..]) {
+                eprintln!("contention --instructions: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        _ => {}
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = match Config::parse(std::env::args().skip(1), cores) {
         Ok(Some(c)) => c,
@@ -36,7 +180,7 @@ fn main() {
         std::env::consts::ARCH
     );
     println!(
-        "threads {:?}, probes {:?}, window {:?} after {:?} warm-up, median of {}, churn {}/s (un)registrations, {}/s maps+unmaps (resolve)",
+        "threads {:?}, probes {:?}, window {:?} after {:?} warm-up, median of {} rounds (order rotated), churn {}/s (un)registrations, {}/s maps+unmaps (resolve)",
         cfg.threads, cfg.probes, cfg.duration, cfg.warmup, cfg.repeats, cfg.churn, cfg.mm_churn
     );
 
@@ -54,7 +198,19 @@ fn main() {
         cores,
         rows: Vec::new(),
     };
-    let mut done = 0usize;
+    // Every implementation of every table is built first; then the run is rounds, each of
+    // which measures every point once — every (table, probes, threads, implementation), the
+    // implementations of a point in an order rotated each round — so a slow spell of the
+    // machine, however long, lands on every row of the report alike instead of on one table.
+    struct Group {
+        table: Table,
+        probes: usize,
+        w: Workload,
+        p: Probes,
+        contenders: Vec<Box<dyn Measure + Sync>>,
+        win: Window,
+    }
+    let mut groups: Vec<Group> = Vec::new();
     for &table in &cfg.tables {
         for &probes in &cfg.probes {
             progress(&format!(
@@ -63,23 +219,7 @@ fn main() {
             ));
             let w = Workload::new(probes, max_threads);
             let p = Probes::new(&w);
-            let contenders: Vec<Box<dyn Measure + Sync>> = match table {
-                Table::Lookup => vec![
-                    Box::new(CoreLookup::new(&p)),
-                    Box::new(KprobeLookup::new(&w)),
-                    Box::new(Seed000Lookup::new(&p)),
-                    Box::new(RwLockLookup::new(&p)),
-                    Box::new(ArcSwapLookup::new(&p)),
-                    Box::new(CeilingLookup::new(&p)),
-                ],
-                Table::Resolve => vec![
-                    Box::new(CoreResolve::new(&w, &p)),
-                    Box::new(Seed000Resolve::new(&w, &p)),
-                    Box::new(RwLockResolve::new(&w, &p)),
-                    Box::new(SeqLockResolve::new(&w, &p)),
-                    Box::new(CeilingResolve::new(&w, &p)),
-                ],
-            };
+            let contenders = contenders(table, &w, &p);
             // Same work: every implementation answers the same stream identically.
             let expected = Workload::expected(w.stream(0));
             for c in &contenders {
@@ -103,32 +243,47 @@ fn main() {
                 },
             };
             for &n in &cfg.threads {
-                let mut rows: Vec<Row> = contenders
-                    .iter()
-                    .map(|c| Row {
+                for c in &contenders {
+                    results.rows.push(Row {
                         table,
                         probes,
                         threads: n,
                         name: c.name(),
                         samples: Vec::new(),
-                    })
-                    .collect();
-                // Repeats interleave the implementations, so a slow spell of the machine
-                // lands on all of them rather than on one.
-                for rep in 0..cfg.repeats {
-                    for (c, row) in contenders.iter().zip(&mut rows) {
-                        done += 1;
-                        progress(&format!(
-                            "[{done:>3}/{total}] {} {probes} probes, {n} threads, {} (repeat {}/{})",
-                            table.name(),
-                            c.name(),
-                            rep + 1,
-                            cfg.repeats
-                        ));
-                        row.samples.push(c.measure(&w, &p, n, win));
-                    }
+                    });
                 }
-                results.rows.extend(rows);
+            }
+            groups.push(Group {
+                table,
+                probes,
+                w,
+                p,
+                contenders,
+                win,
+            });
+        }
+    }
+    let mut done = 0usize;
+    for rep in 0..cfg.repeats {
+        let mut row = 0usize;
+        for g in &groups {
+            for &n in &cfg.threads {
+                let k = g.contenders.len();
+                for i in (0..k).map(|j| (j + rep) % k) {
+                    let c = &g.contenders[i];
+                    done += 1;
+                    progress(&format!(
+                        "[{done:>4}/{total}] round {}/{}: {} {} probes, {n} threads, {}",
+                        rep + 1,
+                        cfg.repeats,
+                        g.table.name(),
+                        g.probes,
+                        c.name(),
+                    ));
+                    let sample = c.measure(&g.w, &g.p, n, g.win);
+                    results.rows[row + i].samples.push(sample);
+                }
+                row += k;
             }
         }
     }
