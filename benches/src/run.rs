@@ -242,6 +242,10 @@ pub trait Measure {
     /// Hits thread 0's stream `passes` times on this thread, inside [`counted_hits`] (what
     /// `contention --instructions` has callgrind count).
     fn counted(&self, w: &Workload, passes: usize) -> Regs;
+    /// Makes this thread's state and one warm pass of thread 0's stream, then calls `start`,
+    /// makes one more pass and calls `end`: the window `contention --shared-stores` traces holds
+    /// hits only.
+    fn traced(&self, w: &Workload, start: &dyn Fn(), end: &dyn Fn()) -> Regs;
 }
 
 /// The hit loop callgrind counts (`--toggle-collect=*counted_hits*`): `passes` passes over
@@ -273,6 +277,15 @@ impl<C: Contender> Measure for C {
     fn counted(&self, w: &Workload, passes: usize) -> Regs {
         let mut local = self.local();
         counted_hits(self, &mut local, w.stream(0), passes)
+    }
+    fn traced(&self, w: &Workload, start: &dyn Fn(), end: &dyn Fn()) -> Regs {
+        let mut local = self.local();
+        let warm = counted_hits(self, &mut local, w.stream(0), 1);
+        start();
+        let r = counted_hits(self, &mut local, w.stream(0), 1);
+        end();
+        std::hint::black_box(warm);
+        r
     }
     fn check(&self, w: &Workload) -> Regs {
         let mut local = self.local();

@@ -141,12 +141,161 @@ fn instructions(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// Window markers for `--stores-one`: thread A's start and end, thread B's start and end, each
+/// on its own cache line (the parent finds them in the trace by address).
+#[repr(C, align(64))]
+struct Marker(std::sync::atomic::AtomicU64, [u64; 7]);
+static MARKS: [Marker; 4] = [const { Marker(std::sync::atomic::AtomicU64::new(0), [0; 7]) }; 4];
+
+fn mark(i: usize) {
+    // Relaxed: a store the tracer sees; nothing reads it.
+    MARKS[i].0.store(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `--stores-one TABLE PROBES INDEX`: the child lackey traces — two hitting threads, alive at
+/// the same time, one after the other making one pass of the stream between markers.
+fn stores_one(args: &[String]) -> Result<(), String> {
+    let [table, probes, index] = args else {
+        return Err("--stores-one TABLE PROBES INDEX".into());
+    };
+    let table = match table.as_str() {
+        "lookup" => Table::Lookup,
+        "resolve" => Table::Resolve,
+        t => return Err(format!("no table `{t}`")),
+    };
+    let probes: usize = probes.parse().map_err(|e| format!("{e}"))?;
+    let index: usize = index.parse().map_err(|e| format!("{e}"))?;
+    let w = Workload::new(probes, 1);
+    let p = Probes::new(&w);
+    let c = contender(table, index, &w, &p).ok_or("no such implementation")?;
+    println!("marks {:#x}", &MARKS as *const _ as usize);
+    let a_done = std::sync::Barrier::new(2);
+    let b_done = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::hint::black_box(c.traced(&w, &|| mark(0), &|| mark(1)));
+            a_done.wait();
+            b_done.wait();
+        });
+        s.spawn(|| {
+            a_done.wait();
+            std::hint::black_box(c.traced(&w, &|| mark(2), &|| mark(3)));
+            b_done.wait();
+        });
+    });
+    Ok(())
+}
+
+/// `--shared-stores`: for every implementation at 1 000 probes, the stores a hit makes to cache
+/// lines another hitting thread also writes — what decides scaling on many cores — counted from
+/// a valgrind `lackey --trace-mem` trace of two threads' windows (see `stores_one`).
+fn shared_stores() -> Result<(), String> {
+    use std::collections::{HashMap, HashSet};
+    use std::io::BufRead as _;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = std::env::temp_dir().join(format!("probe-core-lackey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    println!(
+        "stores per hit to cache lines both of two hitting threads write (valgrind lackey, one pass of \
+         a {}-hit stream per thread, 1 000 probes, no churn); {}",
+        probe_benches::workload::STREAM,
+        probe_benches::cpu_model()
+    );
+    for table in [Table::Lookup, Table::Resolve] {
+        println!(
+            "\n{} 1000 probes: shared stores per hit, shared lines",
+            table.name()
+        );
+        let w = Workload::new(1_000, 1);
+        let p = Probes::new(&w);
+        for i in 0..table_size(table) {
+            let Some(c) = contender(table, i, &w, &p) else {
+                continue;
+            };
+            let name = c.name();
+            drop(c);
+            let log = dir.join(format!("{}-{i}.trace", table.name()));
+            let out = std::process::Command::new("valgrind")
+                .args(["--tool=lackey", "--trace-mem=yes"])
+                .arg(format!("--log-file={}", log.display()))
+                .arg(&exe)
+                .args(["--stores-one", table.name(), "1000", &i.to_string()])
+                .output()
+                .map_err(|e| format!("valgrind: {e} (apt-get install valgrind)"))?;
+            if !out.status.success() {
+                return Err(format!("valgrind on {name} failed: {}", out.status));
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let marks = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("marks 0x"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+                .ok_or("the child printed no marker address")?;
+            let f = std::fs::File::open(&log).map_err(|e| e.to_string())?;
+            // Window 0: thread A's pass, 1: thread B's; u8::MAX outside both.
+            let mut window = u8::MAX;
+            let mut lines: [HashMap<u64, u64>; 2] = [HashMap::new(), HashMap::new()];
+            for l in std::io::BufReader::new(f).lines() {
+                let l = l.map_err(|e| e.to_string())?;
+                let t = l.trim_start();
+                let Some(rest) = t.strip_prefix("S ").or_else(|| t.strip_prefix("M ")) else {
+                    continue;
+                };
+                let Some(addr) = rest
+                    .split(',')
+                    .next()
+                    .and_then(|a| u64::from_str_radix(a.trim(), 16).ok())
+                else {
+                    continue;
+                };
+                if addr >= marks && addr < marks + 4 * 64 {
+                    window = match (addr - marks) / 64 {
+                        0 => 0,
+                        2 => 1,
+                        _ => u8::MAX,
+                    };
+                    continue;
+                }
+                if let Some(m) = lines.get_mut(usize::from(window)) {
+                    *m.entry(addr / 64).or_default() += 1;
+                }
+            }
+            let _ = std::fs::remove_file(&log);
+            let b: HashSet<u64> = lines[1].keys().copied().collect();
+            let shared: Vec<(&u64, &u64)> =
+                lines[0].iter().filter(|(k, _)| b.contains(k)).collect();
+            let stores: u64 = shared.iter().map(|(_, n)| **n).sum();
+            println!(
+                "  {name:<30} {:>6.2} {:>4}",
+                stores as f64 / probe_benches::workload::STREAM as f64,
+                shared.len()
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     match argv.first().map(String::as_str) {
         Some("--count-one") => {
             if let Err(e) = count_one(&argv[1..]) {
                 eprintln!("contention --count-one: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        Some("--stores-one") => {
+            if let Err(e) = stores_one(&argv[1..]) {
+                eprintln!("contention --stores-one: {e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        Some("--shared-stores") => {
+            if let Err(e) = shared_stores() {
+                eprintln!("contention --shared-stores: {e}");
                 std::process::exit(1);
             }
             return;
