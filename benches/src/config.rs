@@ -48,6 +48,8 @@ pub struct Config {
 /// The usage text.
 pub const USAGE: &str = "\
 usage: contention [flags]
+       contention --instructions [PROBES,...]   instructions per hit, by callgrind (valgrind)
+       contention --shared-stores               stores per hit to shared cache lines, by lackey
 
 Hit throughput of probe-core against the alternatives, per thread count, while a writer thread
 registers/unregisters probes and maps/unmaps code. Prints a table; writes CSV and SVG.

@@ -47,14 +47,11 @@ fn contender(table: Table, i: usize, w: &Workload, p: &Probes) -> Option<Box<dyn
     })
 }
 
-/// Hits counted per pass of the stream in `--instructions` mode (three passes).
-const PASSES: usize = 3;
-
-/// `--count-one TABLE PROBES INDEX`: the child callgrind runs — builds one implementation and
-/// makes `PASSES` passes of thread 0's stream inside `counted_hits`.
-fn count_one(args: &[String]) -> Result<(), String> {
+/// A child's arguments, `TABLE PROBES INDEX`: the workload for `PROBES` probes and which
+/// implementation of which table to build.
+fn one(args: &[String], flag: &str) -> Result<(Workload, Probes, Table, usize), String> {
     let [table, probes, index] = args else {
-        return Err("--count-one TABLE PROBES INDEX".into());
+        return Err(format!("{flag} TABLE PROBES INDEX"));
     };
     let table = match table.as_str() {
         "lookup" => Table::Lookup,
@@ -65,6 +62,16 @@ fn count_one(args: &[String]) -> Result<(), String> {
     let index: usize = index.parse().map_err(|e| format!("{e}"))?;
     let w = Workload::new(probes, 1);
     let p = Probes::new(&w);
+    Ok((w, p, table, index))
+}
+
+/// Hits counted per pass of the stream in `--instructions` mode (three passes).
+const PASSES: usize = 3;
+
+/// `--count-one TABLE PROBES INDEX`: the child callgrind runs — builds one implementation and
+/// makes `PASSES` passes of thread 0's stream inside `counted_hits`.
+fn count_one(args: &[String]) -> Result<(), String> {
+    let (w, p, table, index) = one(args, "--count-one")?;
     let c = contender(table, index, &w, &p).ok_or("no such implementation")?;
     let regs = c.counted(&w, PASSES);
     let full = Workload::expected(w.stream(0));
@@ -155,18 +162,7 @@ fn mark(i: usize) {
 /// `--stores-one TABLE PROBES INDEX`: the child lackey traces — two hitting threads, alive at
 /// the same time, one after the other making one pass of the stream between markers.
 fn stores_one(args: &[String]) -> Result<(), String> {
-    let [table, probes, index] = args else {
-        return Err("--stores-one TABLE PROBES INDEX".into());
-    };
-    let table = match table.as_str() {
-        "lookup" => Table::Lookup,
-        "resolve" => Table::Resolve,
-        t => return Err(format!("no table `{t}`")),
-    };
-    let probes: usize = probes.parse().map_err(|e| format!("{e}"))?;
-    let index: usize = index.parse().map_err(|e| format!("{e}"))?;
-    let w = Workload::new(probes, 1);
-    let p = Probes::new(&w);
+    let (w, p, table, index) = one(args, "--stores-one")?;
     let c = contender(table, index, &w, &p).ok_or("no such implementation")?;
     println!("marks {:#x}", &MARKS as *const _ as usize);
     let a_done = std::sync::Barrier::new(2);
