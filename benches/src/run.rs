@@ -97,7 +97,8 @@ pub fn measure<C: Contender>(
                 let (count, stop, id) = (&counts[t], &stop, &hitter_ids[t]);
                 let stream = w.stream(t);
                 s.spawn(move || {
-                    // Relaxed: see `cpu`. SAFETY: pthread_self has no preconditions.
+                    // Relaxed: see `cpu`.
+                    // SAFETY: pthread_self has no preconditions.
                     id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
                     hit_loop(c, stream, count, stop)
                 })
@@ -111,7 +112,8 @@ pub fn measure<C: Contender>(
             period(win.churn).map(|pr| {
                 let (churned, stop, id) = (&churned, &stop, &writer_ids[0]);
                 s.spawn(move || {
-                    // Relaxed: see `cpu`. SAFETY: pthread_self has no preconditions.
+                    // Relaxed: see `cpu`.
+                    // SAFETY: pthread_self has no preconditions.
                     id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
                     writer_loop(pr, churned, stop, |i| {
                         let k = i % w.churn.len();
@@ -123,7 +125,8 @@ pub fn measure<C: Contender>(
             period(win.mm_churn).map(|pm| {
                 let (mm_churned, stop, id) = (&mm_churned, &stop, &writer_ids[1]);
                 s.spawn(move || {
-                    // Relaxed: see `cpu`. SAFETY: pthread_self has no preconditions.
+                    // Relaxed: see `cpu`.
+                    // SAFETY: pthread_self has no preconditions.
                     id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
                     writer_loop(pm, mm_churned, stop, |_| {
                         c.map(&w.churn_mapping);
