@@ -272,38 +272,25 @@ fn shared_stores() -> Result<(), String> {
     Ok(())
 }
 
+/// A mode of the binary other than the report: its arguments after the flag.
+type Mode = fn(&[String]) -> Result<(), String>;
+
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    match argv.first().map(String::as_str) {
-        Some("--count-one") => {
-            if let Err(e) = count_one(&argv[1..]) {
-                eprintln!("contention --count-one: {e}");
-                std::process::exit(1);
-            }
-            return;
+    // The modes that are not the report: the two measurements valgrind runs, and their children.
+    let mode: Option<(&str, Mode)> = match argv.first().map(String::as_str) {
+        Some("--count-one") => Some(("--count-one", count_one)),
+        Some("--stores-one") => Some(("--stores-one", stores_one)),
+        Some("--shared-stores") => Some(("--shared-stores", |_| shared_stores())),
+        Some("--instructions") => Some(("--instructions", instructions)),
+        _ => None,
+    };
+    if let Some((flag, run)) = mode {
+        if let Err(e) = run(&argv[1..]) {
+            eprintln!("contention {flag}: {e}");
+            std::process::exit(1);
         }
-        Some("--stores-one") => {
-            if let Err(e) = stores_one(&argv[1..]) {
-                eprintln!("contention --stores-one: {e}");
-                std::process::exit(1);
-            }
-            return;
-        }
-        Some("--shared-stores") => {
-            if let Err(e) = shared_stores() {
-                eprintln!("contention --shared-stores: {e}");
-                std::process::exit(1);
-            }
-            return;
-        }
-        Some("--instructions") => {
-            if let Err(e) = instructions(&argv[1..]) {
-                eprintln!("contention --instructions: {e}");
-                std::process::exit(1);
-            }
-            return;
-        }
-        _ => {}
+        return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cfg = match Config::parse(std::env::args().skip(1), cores) {
