@@ -115,6 +115,9 @@ pub enum Bug {
     /// Registry: a new consumer list is published (probe and hot word) without the tree lock, so
     /// a leaf copied meanwhile by another object's writer carries the old word.
     HotWordOutsideTreeLock,
+    /// `SpinWait`: `wake_all` advances the event count Relaxed, so a waiter that sees the new
+    /// count does not see what the waker wrote before waking it.
+    SpinWaitWakeRelaxed,
 }
 
 std::thread_local! {

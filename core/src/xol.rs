@@ -111,8 +111,17 @@ impl WaitQueue for SpinWait {
         }
     }
     fn wake_all(&self) {
-        // Release pairs with the Acquire loads in `prepare` and `wait`.
-        self.events.fetch_add(1, Ordering::Release);
+        #[cfg(loom)]
+        let order = if crate::seeded::is(crate::seeded::Bug::SpinWaitWakeRelaxed) {
+            Ordering::Relaxed
+        } else {
+            Ordering::Release
+        };
+        #[cfg(not(loom))]
+        let order = Ordering::Release;
+        // Release pairs with the Acquire loads in `prepare` and `wait`: a waiter that sees the
+        // new count sees everything written before the wake.
+        self.events.fetch_add(1, order);
     }
 }
 

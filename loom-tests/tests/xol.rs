@@ -13,7 +13,7 @@ use probe_core::probe::ObjectId;
 use probe_core::rcu::Rcu;
 use probe_core::seeded::Bug;
 use probe_core::sync::UnsafeCell;
-use probe_core::xol::{Step, Task, XolArea};
+use probe_core::xol::{SpinWait, Step, Task, WaitQueue, XolArea};
 use std::sync::Arc;
 
 const XOL: u64 = 0x7fff_0000;
@@ -270,4 +270,47 @@ fn xol_area_is_published_once() {
 #[test]
 fn seeded_area_published_relaxed() {
     common::must_catch(Bug::XolPublishRelaxed, lazy_area);
+}
+
+/// `SpinWait`, the spinning `WaitQueue`: a waker writes, then wakes; a waiter that takes a
+/// ticket showing the wake (the count moved) must see the write — the count's Release
+/// increment in `wake_all` and the Acquire load in `prepare` carry it — and its `wait` on the
+/// old ticket returns at once.
+///
+/// The waiter does not spin in `wait` for a wake still to come: loom explores every stale value
+/// a load may return, and a loop of loads can read the old count any number of times, so such
+/// a model never ends (loom stops it at its branch limit). `wait` loads the count with the
+/// same Acquire as `prepare`, and the spin itself is a plain loop.
+fn spin_wait() {
+    let runs = common::Executions::new("SpinWait event count");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let queue = Arc::new(SpinWait::default());
+        let written = Arc::new(UnsafeCell::new(0u32));
+        let waiter = {
+            let (queue, written) = (queue.clone(), written.clone());
+            thread::spawn(move || {
+                if queue.prepare() == 1 {
+                    queue.wait(0);
+                    // SAFETY: read only once the wake is seen (what is being checked).
+                    written.with(|p| assert_eq!(unsafe { *p }, 1, "woken before the write"));
+                }
+            })
+        };
+        // SAFETY: the waiter reads only once it sees the wake.
+        written.with_mut(|p| unsafe { *p = 1 });
+        queue.wake_all();
+        waiter.join().unwrap();
+    });
+}
+
+#[test]
+fn spin_wait_wakes_with_what_was_written() {
+    spin_wait();
+}
+
+#[test]
+fn seeded_spin_wait_wake_relaxed() {
+    common::must_catch(Bug::SpinWaitWakeRelaxed, spin_wait);
 }
