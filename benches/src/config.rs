@@ -43,6 +43,8 @@ pub struct Config {
     pub tables: Vec<Table>,
     /// Where the CSV and SVG go (default: `target/contention/`).
     pub out: Option<PathBuf>,
+    /// Whether the heap should be on transparent huge pages (`--pages huge`, the default).
+    pub huge_pages: bool,
 }
 
 /// The usage text.
@@ -65,6 +67,9 @@ flags (each takes a value, as `--flag value` or `--flag=value`):
   --mm-churn N      maps+unmaps per second (resolve table), 0 for none   (default: 1000)
   --only TABLE      lookup or resolve   (default: both)
   --out DIR         where report.csv and report.svg go   (default: target/contention)
+  --pages SIZE      huge: the heap on transparent huge pages (glibc.malloc.hugetlb=1; the
+                    binary re-runs itself with it), as a kernel's direct map is; small: 4 KiB
+                    pages, as a process's heap is by default   (default: huge)
   --help            this text
 ";
 
@@ -89,6 +94,7 @@ impl Config {
             mm_churn: 1000,
             tables: vec![Table::Lookup, Table::Resolve],
             out: None,
+            huge_pages: true,
         }
     }
 
@@ -110,9 +116,9 @@ impl Config {
             let Some(flag) = arg.strip_prefix("--") else {
                 return Err(format!("unexpected argument `{arg}` (flags start with --)"));
             };
-            const FLAGS: [&str; 9] = [
+            const FLAGS: [&str; 10] = [
                 "threads", "probes", "duration", "warmup", "repeats", "churn", "mm-churn", "only",
-                "out",
+                "out", "pages",
             ];
             let name = flag.split_once('=').map_or(flag, |(f, _)| f);
             if !FLAGS.contains(&name) {
@@ -169,6 +175,13 @@ impl Config {
                     }
                 }
                 "out" => c.out = Some(PathBuf::from(value)),
+                "pages" => {
+                    c.huge_pages = match value.as_str() {
+                        "huge" => true,
+                        "small" => false,
+                        _ => return Err(bad("expected `huge` or `small`")),
+                    }
+                }
                 _ => return Err(format!("unknown flag --{flag} (see --help)")),
             }
         }
@@ -242,6 +255,14 @@ mod tests {
         assert_eq!(c.tables, vec![Table::Resolve]);
         assert_eq!(c.out, Some(PathBuf::from("/tmp/x")));
         assert_eq!(parse("--help").unwrap(), None);
+        assert!(parse("").unwrap().unwrap().huge_pages);
+        assert!(!parse("--pages small").unwrap().unwrap().huge_pages);
+        assert!(parse("--pages=huge").unwrap().unwrap().huge_pages);
+        assert!(
+            parse("--pages 2m")
+                .unwrap_err()
+                .contains("expected `huge` or `small`")
+        );
     }
 
     #[test]

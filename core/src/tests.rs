@@ -134,7 +134,9 @@ fn tree_height_stays_logarithmic() {
     }
     // SAFETY: single thread.
     let h = unsafe { tree.height() };
-    assert!(h <= 6, "100k sequential inserts gave height {h}");
+    // In key order, an append split keeps nodes 13 of 16 full (16 + 1 - NODE_MIN): 7 693
+    // leaves, then 592, 46, 4, 1 — height 5. Halving at every split would give 6.
+    assert!(h <= 5, "100k sequential inserts gave height {h}");
     // Remove 99% and check the tree shrinks back.
     for i in 0..99_000u64 {
         // SAFETY: single thread.
