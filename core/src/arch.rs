@@ -6,11 +6,9 @@
 //! `access_process_vm`; a process: an alias mapping; a test: a byte buffer).
 
 use crate::error::Result;
-use crate::mm::{MmId, VmaInfo};
-use crate::probe::ObjectId;
+use crate::types::{MmId, ObjectId, VmaInfo};
 
-/// The most bytes a breakpoint replaces (x86: 1, aarch64: 4).
-pub const MAX_BREAKPOINT: usize = 8;
+pub use crate::types::{MAX_BREAKPOINT, SavedInsn};
 
 /// An instruction set, as far as breakpoints go.
 pub trait Arch: Send + Sync + 'static {
@@ -18,30 +16,6 @@ pub trait Arch: Send + Sync + 'static {
     const BREAKPOINT: &'static [u8];
     /// Is the instruction starting at `bytes[0]` a trap instruction (ours or the program's)?
     fn is_trap(bytes: &[u8]) -> bool;
-}
-
-/// The original bytes a breakpoint replaced, saved when the probe was created.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SavedInsn {
-    bytes: [u8; MAX_BREAKPOINT],
-    len: u8,
-}
-
-impl SavedInsn {
-    /// Saves `bytes` (at most [`MAX_BREAKPOINT`]; longer input is cut).
-    pub fn new(bytes: &[u8]) -> Self {
-        let n = bytes.len().min(MAX_BREAKPOINT);
-        let mut b = [0; MAX_BREAKPOINT];
-        b[..n].copy_from_slice(&bytes[..n]);
-        Self {
-            bytes: b,
-            len: n as u8,
-        }
-    }
-    /// The saved bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
 }
 
 /// The embedder's access to code: original object bytes, and code in an address space.

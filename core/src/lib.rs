@@ -25,6 +25,8 @@
 //! * [`lock`] — the raw-lock trait, a spinlock, and the hashed per-object lock table.
 //! * [`sync`] — the one facade over atomics and fences (loom under `--cfg loom`).
 //! * [`error`] — one error type, a variant per bad input.
+//! * [`types`] — the vocabulary every layer speaks: [`types::ObjectId`], [`types::ProbeKey`],
+//!   [`types::MmId`], [`types::VmaInfo`], [`types::SavedInsn`].
 //!
 //! Every protocol is model-checked under loom in the `probe-loom-tests` package, each model with a
 //! seeded bug that it must catch. ARCHITECTURE.md maps each invariant to its model.
@@ -78,6 +80,7 @@ pub mod seqcount;
 pub mod sync;
 pub mod testing;
 pub mod tree;
+pub mod types;
 pub mod uprobes;
 pub mod xol;
 

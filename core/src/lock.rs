@@ -24,8 +24,8 @@
 //! the adjacent-line prefetcher of x86), every table slot is a multiple of that in size, and the
 //! slot count is a power of two (checked by a `const` assertion at monomorphization).
 
-use crate::probe::ObjectId;
 use crate::sync::{AtomicBool, Ordering, UnsafeCell, spin_loop};
+use crate::types::ObjectId;
 use core::fmt;
 use core::marker::PhantomData;
 use core::ops::{Deref, DerefMut};

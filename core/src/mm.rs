@@ -47,73 +47,16 @@
 use crate::alloc_util::{try_box, try_vec_with_capacity};
 use crate::error::{Error, Result};
 use crate::lock::{RawGuard, RawLock, SpinLock};
-use crate::probe::ObjectId;
 use crate::rcu::{Deferred, Rcu};
 use crate::seqcount::{SeqCount, SeqToken};
 use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, FreeCheck, Ordering, quarantine};
 use crate::tree::{Batch, CowTree};
+use crate::types::ObjectId;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
-use core::ops::BitOr;
 
-/// The page size of the reference model: mappings start, end and map offsets at multiples of it.
-pub const PAGE_SIZE: u64 = 4096;
-
-/// Which address space.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MmId(pub u64);
-
-/// Mapping flags.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct VmFlags(u32);
-
-impl VmFlags {
-    /// No flags.
-    pub const NONE: VmFlags = VmFlags(0);
-    /// Executable: only executable mappings carry breakpoints.
-    pub const EXEC: VmFlags = VmFlags(1);
-    /// Shared mapping.
-    pub const SHARED: VmFlags = VmFlags(2);
-    /// Backed by huge pages.
-    pub const HUGE: VmFlags = VmFlags(4);
-
-    /// The raw bits.
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-    /// From raw bits (unknown bits are kept, not interpreted).
-    pub const fn from_bits(bits: u32) -> Self {
-        Self(bits)
-    }
-    /// Every flag of `other` is set.
-    pub const fn contains(self, other: VmFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
-}
-
-impl BitOr for VmFlags {
-    type Output = VmFlags;
-    fn bitor(self, o: VmFlags) -> VmFlags {
-        VmFlags(self.0 | o.0)
-    }
-}
-
-impl fmt::Debug for VmFlags {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut l = f.debug_set();
-        for (flag, name) in [
-            (Self::EXEC, "EXEC"),
-            (Self::SHARED, "SHARED"),
-            (Self::HUGE, "HUGE"),
-        ] {
-            if self.contains(flag) {
-                l.entry(&format_args!("{name}"));
-            }
-        }
-        l.finish()
-    }
-}
+pub use crate::types::{MmId, PAGE_SIZE, VmFlags, VmaInfo};
 
 /// What a mapping maps (the kernel's `vm_file`): immutable once published, freed only a grace
 /// period after no VMA points at it, so a speculative reader may read it — and must not trust
@@ -140,38 +83,6 @@ pub struct Vma {
 impl fmt::Debug for Vma {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vma").finish_non_exhaustive()
-    }
-}
-
-/// A trusted snapshot of one mapping (read under the address space's lock).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VmaInfo {
-    /// First address.
-    pub start: u64,
-    /// One past the last address.
-    pub end: u64,
-    /// Object offset mapped at `start`.
-    pub pgoff: u64,
-    /// Flags.
-    pub flags: VmFlags,
-    /// The object mapped.
-    pub object: ObjectId,
-}
-
-impl VmaInfo {
-    /// The object offset mapped at `addr` (which must be inside).
-    pub fn offset_of(&self, addr: u64) -> u64 {
-        addr - self.start + self.pgoff
-    }
-    /// The address at which object offset `offset` is mapped, if it is.
-    pub fn addr_of(&self, offset: u64) -> Option<u64> {
-        let len = self.end - self.start;
-        (offset >= self.pgoff && offset - self.pgoff < len)
-            .then(|| self.start + (offset - self.pgoff))
-    }
-    /// `start <= addr < end`.
-    pub fn contains(&self, addr: u64) -> bool {
-        self.start <= addr && addr < self.end
     }
 }
 
@@ -295,7 +206,7 @@ fn info_of(v: &Vma) -> Option<VmaInfo> {
     let start = v.start.load(Ordering::Relaxed);
     let end = v.end.load(Ordering::Relaxed);
     let pgoff = v.pgoff.load(Ordering::Relaxed);
-    let flags = VmFlags(v.flags.load(Ordering::Relaxed));
+    let flags = VmFlags::from_bits(v.flags.load(Ordering::Relaxed));
     // Acquire pairs with the Release store that published the handle (`new_vma`, `set_handle`):
     // the handle's contents were written before its pointer.
     let h = v.object.load(Ordering::Acquire);

@@ -42,70 +42,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::mem::MaybeUninit;
 
-/// The object a probe lives in: an inode for uprobes, the kernel image or a module for kprobes,
-/// a guest-physical region for a hypervisor. Opaque to probe-core; only compared and hashed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectId(pub u64);
-
-/// Where a probe is: an offset inside an object.
-///
-/// Ordered by object, then offset. The three-way `cmp` is the derived one (two 64-bit
-/// compares: `BTreeMap`'s search, which branches three ways, is cheapest with it); `<`, `<=`,
-/// `>`, `>=` compare the key as one 128-bit integer. The tree walk makes those two-way
-/// comparisons on every hit, and the derived operators go through `Option<Ordering>`: by
-/// callgrind, a 1 000-probe lookup took 333 instructions with them, 247 without.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Ord, Hash)]
-// The manual `PartialOrd` agrees with the derived `Ord` (the property test
-// `probe_key_orders_as_its_tuple` checks every operator against the (object, offset) tuple).
-#[allow(clippy::derive_ord_xor_partial_ord)]
-pub struct ProbeKey {
-    /// The object.
-    pub object: ObjectId,
-    /// The byte offset inside the object (a file offset for uprobes).
-    pub offset: u64,
-}
-
-impl ProbeKey {
-    /// The smallest key.
-    pub const MIN: ProbeKey = ProbeKey {
-        object: ObjectId(0),
-        offset: 0,
-    };
-
-    /// `ProbeKey { object, offset }`.
-    pub const fn new(object: ObjectId, offset: u64) -> Self {
-        Self { object, offset }
-    }
-
-    /// The key as one integer of the same order: object in the high half, offset in the low.
-    #[inline(always)]
-    const fn rank(&self) -> u128 {
-        ((self.object.0 as u128) << 64) | self.offset as u128
-    }
-}
-
-impl PartialOrd for ProbeKey {
-    #[inline(always)]
-    fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
-        Some(Ord::cmp(self, other))
-    }
-    #[inline(always)]
-    fn lt(&self, other: &Self) -> bool {
-        self.rank() < other.rank()
-    }
-    #[inline(always)]
-    fn le(&self, other: &Self) -> bool {
-        self.rank() <= other.rank()
-    }
-    #[inline(always)]
-    fn gt(&self, other: &Self) -> bool {
-        self.rank() > other.rank()
-    }
-    #[inline(always)]
-    fn ge(&self, other: &Self) -> bool {
-        self.rank() >= other.rank()
-    }
-}
+pub use crate::types::{ObjectId, ProbeKey};
 
 /// How the registry holds a consumer: a shared, reference-counted handle to it.
 /// `alloc::sync::Arc` is one (the default everywhere); a kernel with its own reference-counted
@@ -384,7 +321,7 @@ pub struct Probe<P> {
     /// lock, hence Relaxed).
     pub(crate) orphan_next: AtomicPtr<Probe<P>>,
     /// The original bytes the breakpoint replaces (immutable after creation).
-    pub(crate) insn: crate::arch::SavedInsn,
+    pub(crate) insn: crate::types::SavedInsn,
     /// The callback that frees this probe, allocated when the probe was, so the final put — which
     /// may run in a destructor — never needs memory.
     pub(crate) free_cb: UnsafeCell<Option<Deferred>>,
@@ -409,7 +346,7 @@ impl<P> Probe<P> {
         key: ProbeKey,
         refs: usize,
         consumers: *mut ConsumerList<P>,
-        insn: crate::arch::SavedInsn,
+        insn: crate::types::SavedInsn,
     ) -> Self {
         Self {
             insn,
@@ -485,7 +422,7 @@ impl<P> Probe<P> {
 
     /// The original bytes its breakpoint replaces.
     #[inline]
-    pub fn saved_insn(&self) -> crate::arch::SavedInsn {
+    pub fn saved_insn(&self) -> crate::types::SavedInsn {
         self.insn
     }
 

@@ -43,9 +43,9 @@
 
 use crate::alloc_util::{try_box, try_vec_with_capacity};
 use crate::error::{Error, Result};
-use crate::probe::ProbeKey;
 use crate::rcu::{Deferred, Rcu};
 use crate::sync::{AtomicPtr, AtomicUsize, FreeCheck, Ordering, UnsafeCell};
+use crate::types::ProbeKey;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr;
