@@ -90,7 +90,7 @@ mod alloc_util;
 pub mod seeded;
 
 #[cfg(all(test, not(loom)))]
-mod tests;
+mod test_support;
 
 pub use error::{Error, Result};
 

@@ -1087,3 +1087,6 @@ impl<
         fmt::Debug::fmt(&**self, f)
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;

@@ -1104,3 +1104,6 @@ impl<K, V> Drop for CowTree<K, V> {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;

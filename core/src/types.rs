@@ -214,3 +214,23 @@ impl SavedInsn {
         &self.bytes[..usize::from(self.len)]
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::{ObjectId, ProbeKey};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// `ProbeKey`'s integer comparison orders as (object, offset) tuples do, operator by operator.
+    #[test]
+    fn probe_key_orders_as_its_tuple(a in any::<(u64, u64)>(), b in any::<(u64, u64)>(), eq in any::<bool>()) {
+        let b = if eq { a } else { b };
+        let (ka, kb) = (ProbeKey::new(ObjectId(a.0), a.1), ProbeKey::new(ObjectId(b.0), b.1));
+        prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
+        prop_assert_eq!(ka.partial_cmp(&kb), Some(a.cmp(&b)));
+        prop_assert_eq!((ka < kb, ka <= kb, ka > kb, ka >= kb), (a < b, a <= b, a > b, a >= b));
+    }
+    }
+}

@@ -693,3 +693,6 @@ where
         })
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;

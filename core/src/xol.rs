@@ -762,3 +762,6 @@ where
         self.cache.clear();
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests;
