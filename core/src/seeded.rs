@@ -118,6 +118,9 @@ pub enum Bug {
     /// `SpinWait`: `wake_all` advances the event count Relaxed, so a waiter that sees the new
     /// count does not see what the waker wrote before waking it.
     SpinWaitWakeRelaxed,
+    /// `CondvarWait`: `wake_all` notifies before it advances the event count, so a waiter that
+    /// read the old count and went to sleep after the notify is never woken (a loom deadlock).
+    CondvarNotifyFirst,
 }
 
 std::thread_local! {

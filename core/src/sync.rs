@@ -48,6 +48,17 @@ pub fn light_fence() {
     core::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
 
+/// A mutex and a condition variable for blocking waits (`std` feature): `std::sync`'s, or
+/// loom's under `cfg(loom)`, so a blocking [`WaitQueue`](crate::xol::WaitQueue) built on them
+/// ([`CondvarWait`](crate::xol::CondvarWait)) is model-checked as it is, and a lost wakeup is a
+/// deadlock loom reports.
+#[cfg(all(feature = "std", loom))]
+pub use loom::sync::{Condvar, Mutex};
+/// A mutex and a condition variable for blocking waits (`std` feature): `std::sync`'s, or
+/// loom's under `cfg(loom)`.
+#[cfg(all(feature = "std", not(loom)))]
+pub use std::sync::{Condvar, Mutex};
+
 /// The hint to call inside a spin-wait loop.
 ///
 /// Under loom it yields to the model scheduler, which is what lets loom explore a spin loop to

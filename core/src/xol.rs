@@ -126,14 +126,24 @@ impl WaitQueue for SpinWait {
 }
 
 /// A [`WaitQueue`] over a mutex and condition variable (`std` feature).
-#[cfg(all(feature = "std", not(loom)))]
+///
+/// # Implementation details
+///
+/// An event count under the mutex: `prepare` reads it, `wait` sleeps while it still equals the
+/// ticket, `wake_all` increments it and then notifies. The increment happens under the mutex
+/// and before the notify, so a waiter either sees the new count before it sleeps or is asleep
+/// (the mutex released by `Condvar::wait` atomically) when the notify comes — the lost-wakeup
+/// window is closed by the order, not by luck. The mutex and condition variable come from the
+/// [`sync`](crate::sync) facade: loom's under `cfg(loom)`, where the models use this type as it
+/// is (`loom-tests/tests/xol.rs`: `condvar_wait`, and every XOL model that waits).
+#[cfg(feature = "std")]
 #[derive(Debug, Default)]
 pub struct CondvarWait {
-    events: std::sync::Mutex<u64>,
-    cv: std::sync::Condvar,
+    events: crate::sync::Mutex<u64>,
+    cv: crate::sync::Condvar,
 }
 
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(feature = "std")]
 impl WaitQueue for CondvarWait {
     fn prepare(&self) -> u64 {
         *self.events.lock().unwrap_or_else(|e| e.into_inner())
@@ -145,6 +155,14 @@ impl WaitQueue for CondvarWait {
         }
     }
     fn wake_all(&self) {
+        #[cfg(loom)]
+        if crate::seeded::is(crate::seeded::Bug::CondvarNotifyFirst) {
+            // The seeded bug: notify, then count — a waiter that checked the count before the
+            // increment and went to sleep after the notify sleeps forever.
+            self.cv.notify_all();
+            *self.events.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            return;
+        }
         *self.events.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         self.cv.notify_all();
     }

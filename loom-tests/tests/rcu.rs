@@ -84,8 +84,7 @@ fn model_of(name: &'static str, make: fn() -> SlotRcu) {
             })
         };
         unlink_and_free(&rcu, &ptr);
-        let saw = reader.join().unwrap();
-        saw
+        reader.join().unwrap()
     });
 }
 

@@ -1,11 +1,16 @@
 //! XOL slots and the per-thread breakpoint cache.
 //!
-//! All models: two threads, unbounded.
+//! Every model runs two threads. The two that run whole breakpoint hits on both threads (the
+//! cache and slot-reuse models) are preemption-bounded ([`PB`]); the rest are unbounded.
 
 #![cfg(loom)]
+// Loom runs a model's threads as coroutines on one OS thread and its `spawn` does not ask for
+// `Send`: the models share the facade's `UnsafeCell` (loom-tracked, not `Sync`) between them on
+// purpose — an unsynchronized access to it is exactly what loom reports.
+#![allow(clippy::arc_with_non_send_sync)]
 
 mod common;
-use common::{LoomWait, Seen, Tracked, X, Y, key, world};
+use common::{Seen, Tracked, X, Y, key, world};
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 use probe_core::mm::PAGE_SIZE;
@@ -13,7 +18,7 @@ use probe_core::probe::ObjectId;
 use probe_core::rcu::Rcu;
 use probe_core::seeded::Bug;
 use probe_core::sync::UnsafeCell;
-use probe_core::xol::{SpinWait, Step, Task, WaitQueue, XolArea};
+use probe_core::xol::{CondvarWait, SpinWait, Step, Task, WaitQueue, XolArea};
 use std::sync::Arc;
 
 const XOL: u64 = 0x7fff_0000;
@@ -33,7 +38,7 @@ fn hit_once<'r>(
     u: &'r common::U,
     reader: &'r probe_core::rcu::SlotReader<'_>,
     mm: &probe_core::mm::AddressSpace,
-    xol: &XolArea<LoomWait>,
+    xol: &XolArea<CondvarWait>,
     task: &mut T<'r>,
     addr: u64,
 ) -> (Seen, bool) {
@@ -59,9 +64,9 @@ fn ownership() {
     let count = runs.counter();
     loom::model(move || {
         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let area = Arc::new(XolArea::new(XOL, 64, 1, LoomWait::default()).unwrap());
+        let area = Arc::new(XolArea::new(XOL, 64, 1, CondvarWait::default()).unwrap());
         let memory = Arc::new(UnsafeCell::new(0usize));
-        let use_slot = |area: &XolArea<LoomWait>, memory: &UnsafeCell<usize>, me: usize| {
+        let use_slot = |area: &XolArea<CondvarWait>, memory: &UnsafeCell<usize>, me: usize| {
             let slot = area.take();
             // SAFETY: the slot's memory is ours while we own the slot — what is being checked.
             memory.with_mut(|p| unsafe { *p = me });
@@ -101,7 +106,7 @@ fn wakeup() {
     let count = runs.counter();
     loom::model(move || {
         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let area = Arc::new(XolArea::new(XOL, 64, 1, LoomWait::default()).unwrap());
+        let area = Arc::new(XolArea::new(XOL, 64, 1, CondvarWait::default()).unwrap());
         let held = area.try_take().expect("the only slot");
         let t = {
             let area = area.clone();
@@ -138,7 +143,7 @@ fn cache_vs_change() {
             let old = Tracked::new();
             u.register(key(X, A), old.clone()).unwrap();
             u.register(key(Y, PAGE_SIZE + A), Tracked::new()).unwrap();
-            let xol = XolArea::new(XOL, 64, 2, LoomWait::default()).unwrap();
+            let xol = XolArea::new(XOL, 64, 2, CondvarWait::default()).unwrap();
             let done = Arc::new(AtomicBool::new(false));
             let w = {
                 let (u, mm, old, done) = (u.clone(), mm.clone(), old.clone(), done.clone());
@@ -201,7 +206,7 @@ fn reuse() {
         );
         u.register(key(X, A), Tracked::new()).unwrap();
         u.register(key(X, A + 1), Tracked::new()).unwrap();
-        let xol = Arc::new(XolArea::new(XOL, 64, 1, LoomWait::default()).unwrap());
+        let xol = Arc::new(XolArea::new(XOL, 64, 1, CondvarWait::default()).unwrap());
         let t = {
             let (u, mm, xol) = (u.clone(), mm.clone(), xol.clone());
             thread::spawn(move || {
@@ -241,19 +246,19 @@ fn lazy_area() {
     let count = runs.counter();
     loom::model(move || {
         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let lazy = Arc::new(probe_core::xol::LazyXol::<LoomWait>::new());
+        let lazy = Arc::new(probe_core::xol::LazyXol::<CondvarWait>::new());
         let t = {
             let lazy = lazy.clone();
             thread::spawn(move || {
                 let a = lazy
-                    .get_or_create(|| XolArea::new(XOL, 64, 2, LoomWait::default()))
+                    .get_or_create(|| XolArea::new(XOL, 64, 2, CondvarWait::default()))
                     .unwrap();
                 drop(a.try_take());
                 a as *const _ as usize
             })
         };
         let a = lazy
-            .get_or_create(|| XolArea::new(XOL, 64, 2, LoomWait::default()))
+            .get_or_create(|| XolArea::new(XOL, 64, 2, CondvarWait::default()))
             .unwrap();
         drop(a.try_take());
         let mine = a as *const _ as usize;
@@ -313,4 +318,49 @@ fn spin_wait_wakes_with_what_was_written() {
 #[test]
 fn seeded_spin_wait_wake_relaxed() {
     common::must_catch(Bug::SpinWaitWakeRelaxed, spin_wait);
+}
+
+/// `CondvarWait`, the blocking queue, as it is (the facade's mutex and condition variable are
+/// loom's here): a waiter that took its ticket before the wake sleeps in `wait` until it comes
+/// and then sees what the waker wrote; one that took it after sees the write at once. Unlike a
+/// spinning wait, a condition-variable wait blocks, so loom explores it to the end, and a lost
+/// wakeup leaves the waiter asleep: a deadlock loom reports.
+fn condvar_wait() {
+    let runs = common::Executions::new("CondvarWait event count");
+    let count = runs.counter();
+    loom::model(move || {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let queue = Arc::new(CondvarWait::default());
+        let written = Arc::new(UnsafeCell::new(0u32));
+        let waiter = {
+            let (queue, written) = (queue.clone(), written.clone());
+            thread::spawn(move || {
+                let ticket = queue.prepare();
+                if ticket == 0 {
+                    queue.wait(ticket);
+                }
+                // SAFETY: read only once the wake is seen (what is being checked).
+                written.with(|p| assert_eq!(unsafe { *p }, 1, "woken before the write"));
+            })
+        };
+        // SAFETY: the waiter reads only once it sees the wake.
+        written.with_mut(|p| unsafe { *p = 1 });
+        queue.wake_all();
+        waiter.join().unwrap();
+    });
+}
+
+#[test]
+fn condvar_wait_wakes_with_what_was_written() {
+    condvar_wait();
+}
+
+#[test]
+fn seeded_condvar_notify_before_count() {
+    common::must_catch(Bug::CondvarNotifyFirst, condvar_wait);
+}
+
+#[test]
+fn seeded_condvar_notify_before_count_in_the_area() {
+    common::must_catch(Bug::CondvarNotifyFirst, wakeup);
 }

@@ -190,30 +190,6 @@ pub fn hit(u: &U, mm: &AddressSpace, addr: u64) -> Seen {
     }
 }
 
-/// A [`probe_core::xol::WaitQueue`] that really sleeps (loom's mutex and condition variable), so
-/// a lost wakeup is a deadlock loom reports.
-#[derive(Default)]
-pub struct LoomWait {
-    events: loom::sync::Mutex<u64>,
-    cv: loom::sync::Condvar,
-}
-
-impl probe_core::xol::WaitQueue for LoomWait {
-    fn prepare(&self) -> u64 {
-        *self.events.lock().unwrap()
-    }
-    fn wait(&self, ticket: u64) {
-        let mut g = self.events.lock().unwrap();
-        while *g == ticket {
-            g = self.cv.wait(g).unwrap();
-        }
-    }
-    fn wake_all(&self) {
-        *self.events.lock().unwrap() += 1;
-        self.cv.notify_all();
-    }
-}
-
 /// Runs `model` under `builder`, counting its executions (printed when the run ends) and
 /// collecting the outcome each execution returns; then checks coverage: every outcome in
 /// `must_see` was reached in some execution — otherwise loom did not explore the interleavings
