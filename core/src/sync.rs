@@ -1,4 +1,5 @@
-//! The one facade over atomics, fences, `UnsafeCell` and spin hints.
+//! The one facade over atomics, fences, `UnsafeCell`, spin hints — and, with `std`, the mutex and
+//! condition variable a blocking wait queue sleeps on.
 //!
 //! Every other module of probe-core reaches shared memory through this module, never through
 //! `core::sync::atomic` directly. That buys three things:
