@@ -2,7 +2,7 @@
 //! writers' own copy (under the write lock), through immutable nodes — no lock, no store.
 
 use super::node::{Node, body};
-use super::{CowTree, TreeKey};
+use super::{B, CowTree, TreeKey};
 use crate::sync::Ordering;
 
 impl<K: TreeKey, V> CowTree<K, V> {
@@ -38,13 +38,40 @@ impl<K: TreeKey, V> CowTree<K, V> {
     /// As for [`CowTree::get`].
     #[inline]
     pub unsafe fn floor(&self, key: &K) -> Option<(K, *const V)> {
-        let n = self.load_root();
-        // SAFETY: the caller's contract.
-        if n.is_null() {
+        let root = self.load_root();
+        if root.is_null() {
             return None;
         }
         // SAFETY: the caller's contract.
-        unsafe { Self::floor_in(n, key) }
+        unsafe { Self::floor_fast(root, key) }.or_else(|| {
+            // SAFETY: as above.
+            unsafe { Self::floor_in(root, key) }
+        })
+    }
+
+    /// The common case of a floor, one descent: route down, and in the leaf take the greatest
+    /// key `<= key`. `None` when that leaf has none — then the floor, if any, is in a left
+    /// sibling ([`CowTree::floor_in`] finds it). What it returns is the floor: every entry right
+    /// of the routed path is `>=` a routing key `> key`.
+    ///
+    /// Binary searches (`partition_point`), not the forward scans of a probe lookup: the keys
+    /// are the address tree's `u64`s, a node's sixteen fill two cache lines, and an address
+    /// lands anywhere in its leaf.
+    #[inline]
+    pub(super) unsafe fn floor_fast(mut n: *const Node<K, V>, key: &K) -> Option<(K, *const V)> {
+        loop {
+            // SAFETY: the caller's contract (a reachable node under a guard or the lock).
+            let b = unsafe { body(n) };
+            // How many keys are `<= key`. `len <= B` (INVARIANT of the bodies), so the slice
+            // is in bounds.
+            let i = b.keys[..b.len.min(B)].partition_point(|k| k <= key);
+            if b.leaf {
+                let i = i.checked_sub(1)?;
+                return Some((b.keys[i], b.ptrs[i] as *const V));
+            }
+            // `route`: the last key `<= key`, or the first child.
+            n = b.ptrs[i.saturating_sub(1)] as *const Node<K, V>;
+        }
     }
 
     /// [`CowTree::floor`] from the writer side.
@@ -55,12 +82,15 @@ impl<K: TreeKey, V> CowTree<K, V> {
     #[inline]
     pub unsafe fn floor_locked(&self, key: &K) -> Option<(K, *const V)> {
         // SAFETY: the caller's contract.
-        let n = unsafe { self.writer_root() };
-        if n.is_null() {
+        let root = unsafe { self.writer_root() };
+        if root.is_null() {
             return None;
         }
         // SAFETY: as above.
-        unsafe { Self::floor_in(n, key) }
+        unsafe { Self::floor_fast(root, key) }.or_else(|| {
+            // SAFETY: as above.
+            unsafe { Self::floor_in(root, key) }
+        })
     }
 
     /// Bounded: a routing key may be smaller than its subtree's least key (after removals), so a

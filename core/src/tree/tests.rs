@@ -240,3 +240,36 @@ fn tree_batch_is_all_or_nothing() {
     }
     assert!(failures >= 5, "only {failures} allocation points");
 }
+
+/// A floor whose routed leaf holds nothing `<= key` (the leaf's least keys were removed, its
+/// routing key left stale) is found in the left sibling: the one-descent fast path says "not
+/// here" and the full walk answers. The case is really reached, and every answer is the
+/// oracle's.
+#[test]
+fn tree_floor_falls_back_past_a_stale_routing_key() {
+    let rcu = SlotRcu::new();
+    let tree: crate::tree::CowTree<u64, u64> = crate::tree::CowTree::new();
+    let mut oracle = BTreeMap::new();
+    for k in 0..1000u64 {
+        // SAFETY: single-threaded test: the only writer and the only reader.
+        unsafe { tree.insert(&rcu, k, fake(k)) }.unwrap();
+        oracle.insert(k, fake(k));
+    }
+    for k in 100..300u64 {
+        // SAFETY: as above.
+        unsafe { tree.remove(&rcu, &k) }.unwrap();
+        oracle.remove(&k);
+    }
+    let mut fell_back = 0;
+    for p in 0..1100u64 {
+        // SAFETY: as above; the root is reachable under the single-threaded test.
+        if unsafe { crate::tree::CowTree::floor_fast(tree.load_root(), &p) }.is_none() {
+            fell_back += 1;
+        }
+        let want = oracle.range(..=p).next_back().map(|(k, v)| (*k, *v));
+        // SAFETY: as above.
+        assert_eq!(unsafe { tree.floor(&p) }, want, "floor({p})");
+    }
+    assert!(fell_back > 0, "no probe reached the fallback");
+    rcu.synchronize();
+}
