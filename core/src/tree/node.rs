@@ -43,7 +43,7 @@ impl<K: TreeKey, V> Body<K, V> {
     }
 
     /// Index of the child that routes `key`: the last `i` with `keys[i] <= key`, or 0.
-    #[inline(always)]
+    #[inline]
     pub(super) fn route(&self, key: &K) -> usize {
         let mut i = 1;
         while i < self.len && self.keys[i] <= *key {
@@ -53,7 +53,7 @@ impl<K: TreeKey, V> Body<K, V> {
     }
 
     /// Leaf: `Ok(i)` if `keys[i] == key`, else `Err(insertion point)`.
-    #[inline(always)]
+    #[inline]
     pub(super) fn find(&self, key: &K) -> core::result::Result<usize, usize> {
         let mut i = 0;
         while i < self.len {
