@@ -43,6 +43,14 @@ impl<K: TreeKey, V> CowTree<K, V> {
             return None;
         }
         // SAFETY: the caller's contract.
+        unsafe { Self::floor_from(root, key) }
+    }
+
+    /// The floor below a non-null root: one descent, and the full walk from the root again only
+    /// when that descent's leaf holds nothing `<= key` (rare: a stale routing key).
+    #[inline]
+    unsafe fn floor_from(root: *const Node<K, V>, key: &K) -> Option<(K, *const V)> {
+        // SAFETY: the caller's contract.
         unsafe { Self::floor_fast(root, key) }.or_else(|| {
             // SAFETY: as above.
             unsafe { Self::floor_in(root, key) }
@@ -87,10 +95,7 @@ impl<K: TreeKey, V> CowTree<K, V> {
             return None;
         }
         // SAFETY: as above.
-        unsafe { Self::floor_fast(root, key) }.or_else(|| {
-            // SAFETY: as above.
-            unsafe { Self::floor_in(root, key) }
-        })
+        unsafe { Self::floor_from(root, key) }
     }
 
     /// Bounded: a routing key may be smaller than its subtree's least key (after removals), so a
