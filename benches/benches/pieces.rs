@@ -64,9 +64,10 @@ fn resolve(c: &mut Criterion) {
     let p = Probes::new(&w);
     let mut g = c.benchmark_group("resolve-1k");
     g.throughput(Throughput::Elements(1));
-    let core = CoreResolve::new(&w, &p);
+    let core = CoreResolve::<SlotRcu>::new(&w, &p);
     assert_eq!(core.check(&w), Workload::expected(w.stream(0)));
     bench_hits(&mut g, &core, &w);
+    bench_hits(&mut g, &CoreResolve::<EpochRcu>::new(&w, &p), &w);
     bench_hits(&mut g, &Seed000Resolve::new(&w, &p), &w);
     bench_hits(&mut g, &RwLockResolve::new(&w, &p), &w);
     bench_hits(&mut g, &SeqLockResolve::new(&w, &p), &w);

@@ -26,12 +26,14 @@ use arc_swap::ArcSwap;
 use probe_core::lock::{Lock, RawLock, SpinLock, YieldRelax};
 use probe_core::mm::{AddressSpace, MmId, VmFlags};
 use probe_core::probe::{ObjectId, ProbeKey};
-use probe_core::rcu::{EpochRcu, Rcu};
+use probe_core::rcu::{EpochRcu, Rcu, SlotRcu};
 use probe_core::registry::Registry;
 use probe_core::testing::{ByteText, Int3};
 use probe_core::uprobes::{Hit, Uprobes};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// The spinlock every spinning contender uses: test-and-test-and-set, yielding when held.
 pub type Spin = SpinLock<YieldRelax>;
@@ -105,26 +107,110 @@ fn call_all(cs: &[Arc<Consumer>], regs: &mut Regs) {
 
 // ------------------------------------------------------------------------------------ lookup
 
-/// probe-core's registry over crossbeam-epoch.
-pub struct CoreLookup {
-    reg: Registry<Consumer, EpochRcu, Spin>,
+/// An RCU domain probe-core's contenders run over.
+pub trait CoreRcu: Rcu + Sized + 'static {
+    /// The contender's name in the report.
+    const NAME: &'static str;
+    /// Whether the domain runs deferred callbacks by itself; if not, the churn writers run
+    /// grace periods ([`GracePeriods`]).
+    const RUNS_OWN_CALLBACKS: bool;
+    /// A fresh domain.
+    fn make() -> Self;
 }
 
-impl CoreLookup {
-    /// Registers every hit probe.
-    pub fn new(p: &Probes) -> Self {
-        let reg = Registry::new(EpochRcu::with_relax(std::thread::yield_now));
-        for (t, c) in &p.hit {
-            reg.register(t.key, c.clone()).expect("register");
-        }
-        Self { reg }
+/// The domain probe-core's process embedding runs its hit path over
+/// ([`probe_process::live::hit_rcu`]): a slot per reader, the reader's fence a compiler fence,
+/// a grace period one `membarrier(PRIVATE_EXPEDITED)` and a scan of the slots.
+impl CoreRcu for SlotRcu {
+    const NAME: &'static str = crate::report::PROBE_CORE;
+    const RUNS_OWN_CALLBACKS: bool = false;
+    fn make() -> Self {
+        probe_process::live::hit_rcu()
     }
 }
 
-impl Contender for CoreLookup {
-    type Local<'a> = <EpochRcu as Rcu>::Reader<'a>;
+/// crossbeam-epoch: a reader's pin is a store and a full fence (on x86 a locked
+/// read-modify-write of the reader's own record) and, every 128 pins, a collection step that
+/// may run deferred callbacks on the reading thread.
+impl CoreRcu for EpochRcu {
+    const NAME: &'static str = "probe-core (epoch)";
+    const RUNS_OWN_CALLBACKS: bool = true;
+    fn make() -> Self {
+        EpochRcu::with_relax(std::thread::yield_now)
+    }
+}
+
+/// How often the churn writers run a grace period of a domain that does not run its own
+/// callbacks: every write's callbacks wait for the next one, as a kernel's `call_rcu` callbacks
+/// wait for the grace period in progress (tens of milliseconds on a loaded kernel).
+pub const GRACE_PERIOD_EVERY: Duration = Duration::from_millis(20);
+
+/// The churn writers' grace periods: after a write, whichever writer finds the last grace
+/// period [`GRACE_PERIOD_EVERY`] old runs the next one (`synchronize`, which runs every
+/// callback queued before it). A grace period blocks only that writer; its cost on the
+/// hitters (the barrier interrupt, the CPU the writer takes) is in the measured window.
+pub struct GracePeriods {
+    base: Instant,
+    /// Nanoseconds after `base` of the last grace period's start.
+    last: AtomicU64,
+}
+
+impl GracePeriods {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// After a write to a structure over `rcu`.
+    fn after_write<R: CoreRcu>(&self, rcu: &R) {
+        if R::RUNS_OWN_CALLBACKS {
+            return;
+        }
+        let now = self.base.elapsed().as_nanos() as u64;
+        // Relaxed: a pacing decision; the claim below is what makes it one writer's.
+        let last = self.last.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < GRACE_PERIOD_EVERY.as_nanos() as u64 {
+            return;
+        }
+        // Relaxed: only decides which writer runs this grace period; `synchronize` orders the
+        // callbacks itself.
+        if self
+            .last
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            rcu.synchronize();
+        }
+    }
+}
+
+/// probe-core's registry over the RCU domain `R`.
+pub struct CoreLookup<R: CoreRcu> {
+    reg: Registry<Consumer, R, Spin>,
+    gp: GracePeriods,
+}
+
+impl<R: CoreRcu> CoreLookup<R> {
+    /// Registers every hit probe.
+    pub fn new(p: &Probes) -> Self {
+        let reg = Registry::new(R::make());
+        for (t, c) in &p.hit {
+            reg.register(t.key, c.clone()).expect("register");
+        }
+        reg.rcu().synchronize();
+        Self {
+            reg,
+            gp: GracePeriods::new(),
+        }
+    }
+}
+
+impl<R: CoreRcu> Contender for CoreLookup<R> {
+    type Local<'a> = R::Reader<'a>;
     fn name(&self) -> &'static str {
-        "probe-core"
+        R::NAME
     }
     fn local(&self) -> Self::Local<'_> {
         self.reg.rcu().register().expect("rcu reader")
@@ -138,9 +224,11 @@ impl Contender for CoreLookup {
     }
     fn register(&self, t: &Target, c: &Arc<Consumer>) {
         self.reg.register(t.key, c.clone()).expect("register");
+        self.gp.after_write(self.reg.rcu());
     }
     fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
         self.reg.unregister(&t.key, c).expect("unregister");
+        self.gp.after_write(self.reg.rcu());
     }
 }
 
@@ -490,15 +578,16 @@ impl Contender for KprobeLookup {
 
 // ----------------------------------------------------------------------------- resolve
 
-type CoreU = Uprobes<Consumer, EpochRcu, Int3, ByteText<Spin>, Spin>;
+type CoreU<R> = Uprobes<Consumer, R, Int3, ByteText<Spin>, Spin>;
 
 /// probe-core's `Uprobes::resolve` (speculative, locked fallback) over its own address space.
-pub struct CoreResolve {
-    u: CoreU,
+pub struct CoreResolve<R: CoreRcu> {
+    u: CoreU<R>,
     mm: Arc<AddressSpace<Spin>>,
+    gp: GracePeriods,
 }
 
-impl CoreResolve {
+impl<R: CoreRcu> CoreResolve<R> {
     /// Every object mapped executable, every hit probe registered (breakpoints installed).
     pub fn new(w: &Workload, p: &Probes) -> Self {
         let text = ByteText::new();
@@ -509,7 +598,7 @@ impl CoreResolve {
             ObjectId(w.churn_mapping.object),
             vec![0x90; (w.churn_mapping.end - w.churn_mapping.start) as usize],
         );
-        let u: CoreU = Uprobes::new(EpochRcu::with_relax(std::thread::yield_now), text);
+        let u: CoreU<R> = Uprobes::new(R::make(), text);
         let mm = u.create_mm(MmId(1)).expect("create mm");
         for m in &w.mappings {
             u.mmap(
@@ -525,14 +614,19 @@ impl CoreResolve {
         for (t, c) in &p.hit {
             u.register(t.key, c.clone()).expect("register");
         }
-        Self { u, mm }
+        u.registry().rcu().synchronize();
+        Self {
+            u,
+            mm,
+            gp: GracePeriods::new(),
+        }
     }
 }
 
-impl Contender for CoreResolve {
-    type Local<'a> = <EpochRcu as Rcu>::Reader<'a>;
+impl<R: CoreRcu> Contender for CoreResolve<R> {
+    type Local<'a> = R::Reader<'a>;
     fn name(&self) -> &'static str {
-        "probe-core"
+        R::NAME
     }
     fn local(&self) -> Self::Local<'_> {
         self.u.registry().rcu().register().expect("rcu reader")
@@ -546,9 +640,11 @@ impl Contender for CoreResolve {
     }
     fn register(&self, t: &Target, c: &Arc<Consumer>) {
         self.u.register(t.key, c.clone()).expect("register");
+        self.gp.after_write(self.u.registry().rcu());
     }
     fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
         self.u.unregister(&t.key, c).expect("unregister");
+        self.gp.after_write(self.u.registry().rcu());
     }
     fn map(&self, m: &Mapping) {
         self.u
@@ -561,11 +657,13 @@ impl Contender for CoreResolve {
                 VmFlags::EXEC,
             )
             .expect("mmap");
+        self.gp.after_write(self.u.registry().rcu());
     }
     fn unmap(&self, m: &Mapping) {
         self.u
             .munmap(&self.mm, m.start, m.end - m.start)
             .expect("munmap");
+        self.gp.after_write(self.u.registry().rcu());
     }
 }
 
@@ -845,13 +943,15 @@ mod tests {
     fn every_contender_finds_every_probe() {
         let w = Workload::new(1000, 2);
         let p = Probes::new(&w);
-        same_answers(&CoreLookup::new(&p), &w, &p);
+        same_answers(&CoreLookup::<SlotRcu>::new(&p), &w, &p);
+        same_answers(&CoreLookup::<EpochRcu>::new(&p), &w, &p);
         same_answers(&KprobeLookup::new(&w), &w, &p);
         same_answers(&Seed000Lookup::new(&p), &w, &p);
         same_answers(&RwLockLookup::new(&p), &w, &p);
         same_answers(&ArcSwapLookup::new(&p), &w, &p);
         same_answers(&CeilingLookup::new(&p), &w, &p);
-        same_answers(&CoreResolve::new(&w, &p), &w, &p);
+        same_answers(&CoreResolve::<SlotRcu>::new(&w, &p), &w, &p);
+        same_answers(&CoreResolve::<EpochRcu>::new(&w, &p), &w, &p);
         same_answers(&Seed000Resolve::new(&w, &p), &w, &p);
         same_answers(&RwLockResolve::new(&w, &p), &w, &p);
         same_answers(&SeqLockResolve::new(&w, &p), &w, &p);
@@ -864,7 +964,7 @@ mod tests {
         // only between register and unregister.
         let w = Workload::new(1000, 1);
         let p = Probes::new(&w);
-        let c = CoreLookup::new(&p);
+        let c = CoreLookup::<SlotRcu>::new(&p);
         let (t, k) = (&w.churn[3], &p.churn[3]);
         let mut local = c.local();
         let mut r = Regs::default();

@@ -102,6 +102,24 @@ impl Row {
     }
 }
 
+/// `a`'s hits/s over `b`'s, *paired by round*: the median over rounds of the ratio of the two
+/// windows of one round (which ran within a second of each other), not the ratio of the two
+/// medians. On a VM whose speed drifts by tens of percent from one minute to the next, the
+/// drift divides out of each round's ratio; the medians' ratio keeps it. Rows of different
+/// lengths (a hand-built report) fall back to the ratio of medians.
+pub fn paired_ratio(a: &Row, b: &Row) -> f64 {
+    if a.samples.len() != b.samples.len() || a.samples.is_empty() {
+        return a.hits() / b.hits();
+    }
+    median(
+        a.samples
+            .iter()
+            .zip(&b.samples)
+            .map(|(x, y)| x.hits_per_s / y.hits_per_s)
+            .collect(),
+    )
+}
+
 /// All rows of a run, with the machine they ran on.
 #[derive(Debug, Default)]
 pub struct Results {
@@ -176,7 +194,7 @@ impl Results {
             row.threads,
             self.ceiling_name(row.table, row.probes)?,
         )?;
-        Some(row.hits() / c.hits())
+        Some(paired_ratio(row, c))
     }
 
     /// Scaling efficiency of `row` (see [`efficiency`]); `None` at one thread.
@@ -185,7 +203,13 @@ impl Results {
             return None;
         }
         let one = self.find(row.table, row.probes, 1, row.name)?;
-        Some(efficiency(row.hits(), one.hits(), row.threads, self.cores))
+        // Paired by round, as `to_ceiling`.
+        Some(efficiency(
+            paired_ratio(row, one),
+            1.0,
+            row.threads,
+            self.cores,
+        ))
     }
 
     /// The text tables.
@@ -260,6 +284,8 @@ impl Results {
              efficiency: hits/s at N / (N x hits/s at 1), for each N from 2 to the core count.\n\
              ±IQR: half the interquartile range of the rounds over the median (every implementation\n\
              runs once per round, in an order rotated each round).\n\
+             ×ceil, efficiency and the goals' ratios are paired by round: the median over rounds\n\
+             of the ratio of two windows of the same round.\n\
              writer CPU: the churn writers' CPU time per second of window, in % of one vCPU, the\n\
              most over the thread counts: time the hitters lose where there is no spare core (the\n\
              CSV has the hitters' own, hitter_cpu).\n\
@@ -337,9 +363,10 @@ impl Results {
                 let ratios: Vec<(f64, &str)> = self
                     .names(t, probes)
                     .into_iter()
-                    .filter(|&name| name != PROBE_CORE && !name.starts_with("ceiling"))
+                    // probe-core over another RCU domain is not an alternative.
+                    .filter(|&name| !name.starts_with(PROBE_CORE) && !name.starts_with("ceiling"))
                     .filter_map(|name| self.find(t, probes, n, name))
-                    .map(|r| (pc.hits() / r.hits(), r.name))
+                    .map(|r| (paired_ratio(pc, r), r.name))
                     .collect();
                 let others: Vec<String> = ratios
                     .iter()
@@ -609,6 +636,48 @@ mod tests {
         // 100 000 probes: the lower ceiling goal.
         assert_eq!(goal_ceiling(100_000), 0.75);
         assert_eq!(goal_ceiling(1_000), 0.85);
+    }
+
+    fn rounds(table: Table, threads: usize, name: &'static str, hits: &[f64]) -> Row {
+        Row {
+            samples: hits
+                .iter()
+                .map(|&h| Sample {
+                    hits_per_s: h,
+                    ..Default::default()
+                })
+                .collect(),
+            ..row(table, threads, name, 0.0)
+        }
+    }
+
+    #[test]
+    fn ratios_are_paired_by_round() {
+        // The machine runs at 1x, 2x and 0.5x speed in three rounds; probe-core is 0.9x the
+        // ceiling in every round.
+        let pc = rounds(Table::Lookup, 1, PROBE_CORE, &[9.0, 18.0, 4.5]);
+        let ceiling = rounds(Table::Lookup, 1, "ceiling (x)", &[10.0, 20.0, 5.0]);
+        assert!((paired_ratio(&pc, &ceiling) - 0.9).abs() < 1e-9);
+        // Where the two differ: medians 16 / 20 = 0.8; the rounds say 1.0, 0.8 and 0.93.
+        let pc = rounds(Table::Lookup, 1, PROBE_CORE, &[10.0, 16.0, 28.0]);
+        let ceiling = rounds(Table::Lookup, 1, "ceiling (x)", &[10.0, 20.0, 30.0]);
+        assert!((pc.hits() / ceiling.hits() - 0.8).abs() < 1e-9);
+        assert!((paired_ratio(&pc, &ceiling) - 28.0 / 30.0).abs() < 1e-9);
+        // Rows of different lengths fall back to the ratio of medians.
+        let short = rounds(Table::Lookup, 1, "ceiling (x)", &[20.0]);
+        assert!((paired_ratio(&pc, &short) - 0.8).abs() < 1e-9);
+    }
+
+    #[test]
+    fn probe_core_over_another_domain_is_not_an_alternative() {
+        let mut r = results();
+        r.rows
+            .push(row(Table::Lookup, 2, "probe-core (epoch)", 30e6));
+        let g = r.goals();
+        assert!(
+            g.contains("ahead of every alternative at 2 threads: met (4.75× RwLock<BTreeMap>)"),
+            "{g}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use probe_benches::contenders::*;
 use probe_benches::report::{Results, Row};
 use probe_benches::run::{Measure, Window};
 use probe_benches::workload::Workload;
+use probe_core::rcu::{EpochRcu, SlotRcu};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,25 +25,27 @@ fn contenders(table: Table, w: &Workload, p: &Probes) -> Vec<Box<dyn Measure + S
 
 fn table_size(table: Table) -> usize {
     match table {
-        Table::Lookup => 6,
-        Table::Resolve => 5,
+        Table::Lookup => 7,
+        Table::Resolve => 6,
     }
 }
 
 /// Implementation `i` of `table` (`None` past the last).
 fn contender(table: Table, i: usize, w: &Workload, p: &Probes) -> Option<Box<dyn Measure + Sync>> {
     Some(match (table, i) {
-        (Table::Lookup, 0) => Box::new(CoreLookup::new(p)),
-        (Table::Lookup, 1) => Box::new(KprobeLookup::new(w)),
-        (Table::Lookup, 2) => Box::new(Seed000Lookup::new(p)),
-        (Table::Lookup, 3) => Box::new(RwLockLookup::new(p)),
-        (Table::Lookup, 4) => Box::new(ArcSwapLookup::new(p)),
-        (Table::Lookup, 5) => Box::new(CeilingLookup::new(p)),
-        (Table::Resolve, 0) => Box::new(CoreResolve::new(w, p)),
-        (Table::Resolve, 1) => Box::new(Seed000Resolve::new(w, p)),
-        (Table::Resolve, 2) => Box::new(RwLockResolve::new(w, p)),
-        (Table::Resolve, 3) => Box::new(SeqLockResolve::new(w, p)),
-        (Table::Resolve, 4) => Box::new(CeilingResolve::new(w, p)),
+        (Table::Lookup, 0) => Box::new(CoreLookup::<SlotRcu>::new(p)),
+        (Table::Lookup, 1) => Box::new(CoreLookup::<EpochRcu>::new(p)),
+        (Table::Lookup, 2) => Box::new(KprobeLookup::new(w)),
+        (Table::Lookup, 3) => Box::new(Seed000Lookup::new(p)),
+        (Table::Lookup, 4) => Box::new(RwLockLookup::new(p)),
+        (Table::Lookup, 5) => Box::new(ArcSwapLookup::new(p)),
+        (Table::Lookup, 6) => Box::new(CeilingLookup::new(p)),
+        (Table::Resolve, 0) => Box::new(CoreResolve::<SlotRcu>::new(w, p)),
+        (Table::Resolve, 1) => Box::new(CoreResolve::<EpochRcu>::new(w, p)),
+        (Table::Resolve, 2) => Box::new(Seed000Resolve::new(w, p)),
+        (Table::Resolve, 3) => Box::new(RwLockResolve::new(w, p)),
+        (Table::Resolve, 4) => Box::new(SeqLockResolve::new(w, p)),
+        (Table::Resolve, 5) => Box::new(CeilingResolve::new(w, p)),
         _ => return None,
     })
 }

@@ -40,7 +40,7 @@ pub mod slot;
 
 #[cfg(all(feature = "epoch", not(loom)))]
 pub use epoch::{EpochGuard, EpochRcu, EpochReader};
-pub use slot::{SlotGuard, SlotRcu, SlotReader};
+pub use slot::{RELAX_EVERY, SlotGuard, SlotRcu, SlotReader};
 
 use crate::alloc_util::try_box;
 use crate::sync::{AtomicPtr, Ordering};
@@ -473,6 +473,42 @@ mod tests {
         c.take().run_all();
         assert!(c.is_empty());
         assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4, 5]);
+    }
+
+    /// A grace period waiting for a reader that stays inside its section calls the domain's
+    /// relax hook (every `RELAX_EVERY` polls), and returns once the reader leaves.
+    #[test]
+    fn a_waiting_grace_period_relaxes() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        static RELAXED: AtomicUsize = AtomicUsize::new(0);
+        fn relax() {
+            RELAXED.fetch_add(1, SeqCst);
+            std::thread::yield_now();
+        }
+        let rcu = SlotRcu::new().with_relax(relax);
+        let reader = rcu.register().unwrap();
+        let guard = rcu.read_lock(&reader);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| rcu.synchronize());
+            let start = std::time::Instant::now();
+            while RELAXED.load(SeqCst) == 0 {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(30),
+                    "the wait never relaxed"
+                );
+                std::thread::yield_now();
+            }
+            assert!(
+                !waiter.is_finished(),
+                "a grace period ended inside a read section"
+            );
+            drop(guard);
+            waiter.join().unwrap();
+        });
+        // Nothing waits now: a grace period with no reader inside never relaxes.
+        let before = RELAXED.load(SeqCst);
+        rcu.synchronize();
+        assert_eq!(RELAXED.load(SeqCst), before);
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //!   re-enters has made it odd again, but its new section started after the unlink and cannot see
 //!   the old pointer. So a grace period is bounded by the longest section in flight, never starved
 //!   by a reader that keeps re-entering.
+//! * While it waits, the updater polls; every [`RELAX_EVERY`] polls it calls the domain's relax
+//!   hook ([`SlotRcu::with_relax`]; a no-op by default). In a process with more threads than
+//!   CPUs a reader can be preempted inside its section, and only the scheduler can end that
+//!   section: the hook (`yield_now`) hands it the CPU instead of spinning out a time slice.
 //!
 //! A reader handle registered with a *different* domain still gets a correct guard: it is counted
 //! in this domain's shared overflow counter (a read-modify-write on a shared line — correct, not
@@ -65,6 +69,9 @@ use core::cell::Cell;
 use core::marker::PhantomData;
 use core::ptr;
 
+/// Polls of a reader's slot between two calls of the domain's relax hook.
+pub const RELAX_EVERY: u32 = 64;
+
 struct Slot {
     /// Odd while the owner is inside a read section.
     state: AtomicUsize,
@@ -97,6 +104,9 @@ struct Slot {
 pub struct SlotRcu {
     /// The embedder's heavy barrier (asymmetric mode), or `None`.
     heavy: Option<fn()>,
+    /// Called every [`RELAX_EVERY`] polls of a reader still inside its section
+    /// ([`SlotRcu::with_relax`]); a no-op by default.
+    relax: fn(),
     slots: AtomicPtr<CachePadded<Slot>>,
     pending: DeferredStack,
     /// Readers of other domains inside a read section of this one.
@@ -182,6 +192,7 @@ impl SlotRcu {
     pub fn new() -> Self {
         Self {
             heavy: None,
+            relax: || {},
             slots: AtomicPtr::new(ptr::null_mut()),
             pending: DeferredStack::new(),
             overflow: CachePadded::new(AtomicUsize::new(0)),
@@ -202,6 +213,30 @@ impl SlotRcu {
         let mut d = Self::new();
         d.heavy = Some(heavy);
         d
+    }
+
+    /// The same domain, calling `relax` while a grace period waits for a reader that stays
+    /// inside its section (every [`RELAX_EVERY`] polls of its slot).
+    ///
+    /// A user-space embedder passes `std::thread::yield_now`: with more threads than CPUs, a
+    /// reader preempted inside a section cannot leave it while the waiter spins on its CPU,
+    /// and the wait then lasts a scheduler time slice. A kernel, whose readers cannot be
+    /// preempted inside a section, keeps the default.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use probe_core::rcu::{Rcu, SlotRcu};
+    ///
+    /// let rcu = SlotRcu::new().with_relax(std::thread::yield_now);
+    /// let reader = rcu.register().unwrap();
+    /// drop(rcu.read_lock(&reader));
+    /// rcu.synchronize();
+    /// ```
+    #[must_use]
+    pub fn with_relax(mut self, relax: fn()) -> Self {
+        self.relax = relax;
+        self
     }
 
     fn reader_for<'d>(&'d self, slot: &'d Slot) -> SlotReader<'d> {
@@ -241,8 +276,13 @@ impl SlotRcu {
             let s = slot.state.load(Ordering::Acquire);
             if s & 1 == 1 {
                 // Acquire: as above.
+                let mut polls = 0u32;
                 while slot.state.load(Ordering::Acquire) == s {
                     spin_loop();
+                    polls = polls.wrapping_add(1);
+                    if polls.is_multiple_of(RELAX_EVERY) {
+                        (self.relax)();
+                    }
                 }
             }
             p = slot.next;

@@ -43,7 +43,8 @@ impl<K: TreeKey, V> Body<K, V> {
     }
 
     /// Index of the child that routes `key`: the last `i` with `keys[i] <= key`, or 0.
-    #[inline]
+    // Always inlined (as `find`): the hit path's loops; out of line they cost a call per node.
+    #[inline(always)]
     pub(super) fn route(&self, key: &K) -> usize {
         let mut i = 1;
         while i < self.len && self.keys[i] <= *key {
@@ -53,7 +54,7 @@ impl<K: TreeKey, V> Body<K, V> {
     }
 
     /// Leaf: `Ok(i)` if `keys[i] == key`, else `Err(insertion point)`.
-    #[inline]
+    #[inline(always)]
     pub(super) fn find(&self, key: &K) -> core::result::Result<usize, usize> {
         let mut i = 0;
         while i < self.len {

@@ -339,15 +339,32 @@ fn heavy_barrier() {
     }
 }
 
-/// The RCU domain of the hit path (shared by the optimizer and the registry): asymmetric (readers pay a compiler fence, grace periods a
-/// membarrier) when the kernel has `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, symmetric otherwise.
-fn hit_rcu() -> SlotRcu {
+/// The RCU domain of the hit path (shared by the optimizer and the registry): asymmetric
+/// (readers pay a compiler fence, grace periods a membarrier) when the kernel has
+/// `MEMBARRIER_CMD_PRIVATE_EXPEDITED`, symmetric otherwise.
+///
+/// Public so that a process using probe-core without the live patcher (the contention report,
+/// an embedder with its own trap handler) gets the same domain: nothing queued on it runs until
+/// someone calls [`Rcu::synchronize`], which costs one `membarrier` system call per grace period
+/// and yields the thread while it waits for a reader that stays inside its section.
+///
+/// # Example
+///
+/// ```
+/// use probe_core::rcu::Rcu;
+///
+/// let rcu = probe_process::live::hit_rcu();
+/// let reader = rcu.register().unwrap();
+/// drop(rcu.read_lock(&reader));
+/// rcu.synchronize();
+/// ```
+pub fn hit_rcu() -> SlotRcu {
     if membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED).is_ok() {
         // SAFETY: registered, so `heavy_barrier` makes every thread of this process (the only
         // ones that hold our readers) execute a full barrier before it returns.
-        unsafe { SlotRcu::with_heavy_barrier(heavy_barrier) }
+        unsafe { SlotRcu::with_heavy_barrier(heavy_barrier) }.with_relax(std::thread::yield_now)
     } else {
-        SlotRcu::new()
+        SlotRcu::new().with_relax(std::thread::yield_now)
     }
 }
 
