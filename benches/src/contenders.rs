@@ -116,7 +116,17 @@ pub trait CoreRcu: Rcu + Sized + 'static {
     const RUNS_OWN_CALLBACKS: bool;
     /// A fresh domain.
     fn make() -> Self;
+    /// One attempt at a grace period that gives up rather than wait for a preempted reader;
+    /// whether it completed. Only called when `RUNS_OWN_CALLBACKS` is false.
+    fn try_grace_period(&self) -> bool {
+        self.synchronize();
+        true
+    }
 }
+
+/// Polls of a reader's slot a writer's grace-period attempt waits before it gives up (a few
+/// microseconds: far longer than a hit, far shorter than a preempted reader's wait).
+pub const GRACE_PERIOD_PATIENCE: u32 = 4096;
 
 /// The domain probe-core's process embedding runs its hit path over
 /// ([`probe_process::live::hit_rcu`]): a slot per reader, the reader's fence a compiler fence,
@@ -126,6 +136,9 @@ impl CoreRcu for SlotRcu {
     const RUNS_OWN_CALLBACKS: bool = false;
     fn make() -> Self {
         probe_process::live::hit_rcu()
+    }
+    fn try_grace_period(&self) -> bool {
+        self.try_synchronize(GRACE_PERIOD_PATIENCE)
     }
 }
 
@@ -146,9 +159,11 @@ impl CoreRcu for EpochRcu {
 pub const GRACE_PERIOD_EVERY: Duration = Duration::from_millis(20);
 
 /// The churn writers' grace periods: after a write, whichever writer finds the last grace
-/// period [`GRACE_PERIOD_EVERY`] old runs the next one (`synchronize`, which runs every
-/// callback queued before it). A grace period blocks only that writer; its cost on the
-/// hitters (the barrier interrupt, the CPU the writer takes) is in the measured window.
+/// period [`GRACE_PERIOD_EVERY`] old attempts the next one (`SlotRcu::try_synchronize`,
+/// which runs every callback queued before it, or gives up on a reader preempted inside its
+/// section and leaves them for the next write's attempt). A writer never blocks behind a
+/// preempted hitter, so it keeps its rate when hitters outnumber CPUs; the attempt's cost on
+/// the hitters (the barrier interrupt, the CPU the writer takes) is in the measured window.
 pub struct GracePeriods {
     base: Instant,
     /// Nanoseconds after `base` of the last grace period's start.
@@ -180,8 +195,11 @@ impl GracePeriods {
             .last
             .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
+            && !rcu.try_grace_period()
         {
-            rcu.synchronize();
+            // Gave up: the next write tries again. Relaxed: as above (only the claimant
+            // writes between its claim and here).
+            self.last.store(last, Ordering::Relaxed);
         }
     }
 }

@@ -24,6 +24,9 @@ pub enum Bug {
     SeqReaderNoFence,
     /// RCU: `synchronize` returns without waiting for readers (free before the grace period).
     RcuNoGracePeriod,
+    /// RCU: `try_synchronize` gives up on a reader still inside its section, and runs the
+    /// callbacks anyway.
+    RcuTryRunsOnGiveUp,
     /// RCU: a deferred callback is pushed onto the lock-free stack with a relaxed
     /// compare-exchange, so the taker may run it without seeing what it captured.
     DeferredPushRelaxed,

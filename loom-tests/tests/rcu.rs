@@ -1,6 +1,7 @@
 //! `SlotRcu`: nothing a reader may still see is freed before a grace period (Invariant 2).
 //!
-//! Two threads (a reader, an updater that unlinks, defers the free and waits); unbounded. Both
+//! Two threads (a reader, an updater that unlinks, defers the free and waits — or first tries
+//! once, giving up on a reader still inside: `try_synchronize`); unbounded. Both
 //! modes of the domain: symmetric (SeqCst fences on both sides) and asymmetric (the reader's
 //! light fence, the updater's heavy barrier — modelled as the SeqCst fence it amounts to; that a
 //! real heavy barrier gives that is checked on hardware by `probe-arch-x86_64`'s
@@ -11,7 +12,7 @@
 use loom::thread;
 use probe_core::rcu::{Deferred, Rcu, SlotRcu};
 use probe_core::seeded::Bug;
-use probe_core::sync::{AtomicPtr, FreeCheck, Ordering};
+use probe_core::sync::{AtomicPtr, AtomicUsize, FreeCheck, Ordering};
 use std::sync::Arc;
 
 mod common;
@@ -116,6 +117,73 @@ fn seeded_asymmetric_synchronize_does_not_wait() {
 #[test]
 fn seeded_asymmetric_reader_enters_without_fence() {
     common::must_catch(Bug::RcuReaderNoFence, model_asymmetric);
+}
+
+/// `try_synchronize`: the updater unlinks, defers the free and makes one attempt with a
+/// patience of one poll (so loom explores the give-up), then waits with `synchronize`. Whether
+/// the attempt completes or gives up, nothing the reader may see is freed before its section
+/// ends, and the callback runs exactly once. Two threads, unbounded.
+fn model_try() {
+    // (the reader saw the object, the attempt completed): both a completed attempt and a
+    // give-up on a reader holding the object must be among the explored executions.
+    let must_see = [(false, true), (true, false)];
+    common::explore("rcu try", common::unbounded(), &must_see, || {
+        let rcu = Arc::new(SlotRcu::new());
+        let obj = Box::into_raw(Box::new(Obj {
+            check: FreeCheck::new(),
+        }));
+        let ptr = Arc::new(AtomicPtr::new(obj));
+        let reader = {
+            let (rcu, ptr) = (rcu.clone(), ptr.clone());
+            thread::spawn(move || {
+                let r = rcu.register().unwrap();
+                let g = rcu.read_lock(&r);
+                // Acquire: as in `model_of`.
+                let p = ptr.load(Ordering::Acquire);
+                let saw = !p.is_null();
+                if saw {
+                    // SAFETY: the guard is what this model checks.
+                    unsafe { &*p }.check.check();
+                }
+                drop(g);
+                saw
+            })
+        };
+        let old = ptr.swap(std::ptr::null_mut(), Ordering::AcqRel);
+        let sp = SendPtr(old);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let runs2 = runs.clone();
+        rcu.defer(
+            Deferred::new(move || {
+                let sp = sp;
+                // SAFETY: a grace period has passed (that is what is being checked).
+                unsafe { &*sp.0 }.check.mark_freed();
+                // Relaxed: read after the join below.
+                runs2.fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap(),
+        );
+        let completed = rcu.try_synchronize(1);
+        rcu.synchronize();
+        let saw = reader.join().unwrap();
+        // Relaxed: this thread ran every callback (or joined the one that did not exist).
+        assert_eq!(
+            runs.load(Ordering::Relaxed),
+            1,
+            "the callback ran twice or never"
+        );
+        (saw, completed)
+    });
+}
+
+#[test]
+fn rcu_try_no_free_before_grace_period() {
+    model_try();
+}
+
+#[test]
+fn seeded_try_runs_callbacks_on_give_up() {
+    common::must_catch(Bug::RcuTryRunsOnGiveUp, model_try);
 }
 
 /// Nested read sections: the outer one still protects after the inner one ends.

@@ -255,6 +255,13 @@ impl SlotRcu {
 
     /// Waits until every read section that was open when this was called has ended.
     fn wait_for_readers(&self) {
+        let done = self.wait_for_readers_within(None);
+        debug_assert!(done);
+    }
+
+    /// [`wait_for_readers`](Self::wait_for_readers), giving up (`false`) when a reader is still
+    /// inside the same section after `patience` polls of its slot (`None`: never gives up).
+    fn wait_for_readers_within(&self, patience: Option<u32>) -> bool {
         // Asymmetric mode: the heavy barrier makes every reader's light fence a full one (the
         // constructor's contract) before U-scan.
         if let Some(heavy) = self.heavy {
@@ -265,7 +272,7 @@ impl SlotRcu {
         fence(Ordering::SeqCst);
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::RcuNoGracePeriod) {
-            return;
+            return true;
         }
         // Acquire pairs with the Release CAS that published each slot in `register`.
         let mut p = self.slots.load(Ordering::Acquire);
@@ -275,9 +282,12 @@ impl SlotRcu {
             // Acquire pairs with the Release store in `exit` (R-exit).
             let s = slot.state.load(Ordering::Acquire);
             if s & 1 == 1 {
-                // Acquire: as above.
                 let mut polls = 0u32;
+                // Acquire: as above.
                 while slot.state.load(Ordering::Acquire) == s {
+                    if patience.is_some_and(|n| polls >= n) {
+                        return false;
+                    }
                     spin_loop();
                     polls = polls.wrapping_add(1);
                     if polls.is_multiple_of(RELAX_EVERY) {
@@ -289,9 +299,63 @@ impl SlotRcu {
         }
         // Foreign readers: a count, so wait for it to drain. Acquire pairs with the Release
         // decrement in `SlotGuard::drop`.
+        let mut polls = 0u32;
         while self.overflow.load(Ordering::Acquire) != 0 {
+            if patience.is_some_and(|n| polls >= n) {
+                return false;
+            }
             spin_loop();
+            polls = polls.wrapping_add(1);
         }
+        true
+    }
+
+    /// One attempt at a grace period that gives up rather than wait for a reader: if every
+    /// read section open at the start ends within `patience` polls of its reader's slot, runs
+    /// every callback queued before the call, as [`Rcu::synchronize`] does, and returns `true`;
+    /// otherwise runs nothing, leaves them queued for a later attempt (or `synchronize`) and
+    /// returns `false`.
+    ///
+    /// For a writer that must not block behind a preempted reader (a user-space writer with
+    /// more threads than CPUs): it tries after its writes and lets the queue wait when a reader
+    /// is slow. Callbacks that stay queued keep their memory until an attempt succeeds.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use probe_core::rcu::{Deferred, Rcu, SlotRcu};
+    /// use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
+    ///
+    /// let rcu = SlotRcu::new();
+    /// let reader = rcu.register().unwrap();
+    /// let ran = Arc::new(AtomicBool::new(false));
+    /// let r = ran.clone();
+    /// rcu.defer(Deferred::new(move || r.store(true, Ordering::SeqCst)).unwrap());
+    /// let guard = rcu.read_lock(&reader);
+    /// assert!(!rcu.try_synchronize(100)); // the reader is inside: nothing runs
+    /// assert!(!ran.load(Ordering::SeqCst));
+    /// drop(guard);
+    /// assert!(rcu.try_synchronize(100)); // no reader inside: the callback runs
+    /// assert!(ran.load(Ordering::SeqCst));
+    /// ```
+    pub fn try_synchronize(&self, patience: u32) -> bool {
+        // As in `synchronize`: the batch is taken before the scan.
+        let mut batch = self.pending.take_all();
+        if self.wait_for_readers_within(Some(patience)) {
+            batch.run_all();
+            return true;
+        }
+        #[cfg(loom)]
+        if crate::seeded::is(crate::seeded::Bug::RcuTryRunsOnGiveUp) {
+            batch.run_all();
+            return false;
+        }
+        // Back on the queue: a later grace period's scan starts after this push, so after the
+        // callbacks were first queued, and covers every reader that could see their objects.
+        while let Some(d) = batch.pop() {
+            self.pending.push(d);
+        }
+        false
     }
 }
 
