@@ -16,6 +16,11 @@
 //!   followed by the `ArcSwap` map (the best lock-free lookup among the alternatives, so the
 //!   address-space protocol is what differs); and the ceiling, private copies of both.
 //!
+//! probe-core appears twice in each table: over its process embedding's RCU domain
+//! ([`probe_process::live::hit_rcu`], `SlotRcu` with a `membarrier` grace period: the row the
+//! goals judge) and over `EpochRcu` (crossbeam-epoch, the `std` default), so the report shows
+//! what the RCU's read side costs.
+//!
 //! Every lock here that spins (probe-core's, seed 000's, the one `kprobe` is instantiated with)
 //! yields the thread when it cannot take the lock: in a user process a pure spin measures the
 //! scheduler once threads outnumber cores. The `kprobe` crate keys probes by address, not by
@@ -124,9 +129,12 @@ pub trait CoreRcu: Rcu + Sized + 'static {
     }
 }
 
-/// Polls of a reader's slot a writer's grace-period attempt waits before it gives up (a few
-/// microseconds: far longer than a hit, far shorter than a preempted reader's wait).
-pub const GRACE_PERIOD_PATIENCE: u32 = 4096;
+/// Polls of a reader's slot a writer's grace-period attempt waits before it gives up (about
+/// ten microseconds: far longer than a hit, far shorter than a preempted reader's wait).
+pub const GRACE_PERIOD_PATIENCE: u32 = 256;
+
+/// How soon after a grace-period attempt that gave up the writers try again.
+pub const GRACE_PERIOD_RETRY: Duration = Duration::from_millis(1);
 
 /// The domain probe-core's process embedding runs its hit path over
 /// ([`probe_process::live::hit_rcu`]): a slot per reader, the reader's fence a compiler fence,
@@ -197,9 +205,13 @@ impl GracePeriods {
             .is_ok()
             && !rcu.try_grace_period()
         {
-            // Gave up: the next write tries again. Relaxed: as above (only the claimant
-            // writes between its claim and here).
-            self.last.store(last, Ordering::Relaxed);
+            // Gave up: the next write after GRACE_PERIOD_RETRY tries again (each attempt costs
+            // a barrier). Relaxed: as above.
+            let retry = GRACE_PERIOD_EVERY.saturating_sub(GRACE_PERIOD_RETRY);
+            self.last.store(
+                now.saturating_sub(retry.as_nanos() as u64),
+                Ordering::Relaxed,
+            );
         }
     }
 }

@@ -245,10 +245,12 @@ pub trait Measure {
     /// Hits thread 0's stream `passes` times on this thread, inside [`counted_hits`] (what
     /// `contention --instructions` has callgrind count).
     fn counted(&self, w: &Workload, passes: usize) -> Regs;
-    /// Makes this thread's state and one warm pass of thread 0's stream, then calls `start`,
-    /// makes one more pass and calls `end`: the window `contention --shared-stores` traces holds
-    /// hits only.
-    fn traced(&self, w: &Workload, start: &dyn Fn(), end: &dyn Fn()) -> Regs;
+    /// Makes this thread's state, calls `made` (where the caller waits until every traced
+    /// thread has made its own, so no two share a reader slot: a reader handle dropped before
+    /// another thread registers would be reused by it), makes one warm pass of thread 0's
+    /// stream, then calls `start`, makes one more pass and calls `end`: the window
+    /// `contention --shared-stores` traces holds hits only.
+    fn traced(&self, w: &Workload, made: &dyn Fn(), start: &dyn Fn(), end: &dyn Fn()) -> Regs;
 }
 
 /// The hit loop callgrind counts (`--toggle-collect=*counted_hits*`): `passes` passes over
@@ -281,8 +283,9 @@ impl<C: Contender> Measure for C {
         let mut local = self.local();
         counted_hits(self, &mut local, w.stream(0), passes)
     }
-    fn traced(&self, w: &Workload, start: &dyn Fn(), end: &dyn Fn()) -> Regs {
+    fn traced(&self, w: &Workload, made: &dyn Fn(), start: &dyn Fn(), end: &dyn Fn()) -> Regs {
         let mut local = self.local();
+        made();
         let warm = counted_hits(self, &mut local, w.stream(0), 1);
         start();
         let r = counted_hits(self, &mut local, w.stream(0), 1);

@@ -168,17 +168,25 @@ fn stores_one(args: &[String]) -> Result<(), String> {
     let (w, p, table, index) = one(args, "--stores-one")?;
     let c = contender(table, index, &w, &p).ok_or("no such implementation")?;
     println!("marks {:#x}", &MARKS as *const _ as usize);
+    // Both threads make their state (an RCU reader each) before either pass, so both readers
+    // are alive at once, as two CPUs' are: a reader dropped before the other thread registers
+    // would hand it the same slot, and the trace would show one line both "share".
+    let made = std::sync::Barrier::new(2);
     let a_done = std::sync::Barrier::new(2);
     let b_done = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
         s.spawn(|| {
-            std::hint::black_box(c.traced(&w, &|| mark(0), &|| mark(1)));
+            let r = c.traced(&w, &|| drop(made.wait()), &|| mark(0), &|| mark(1));
+            std::hint::black_box(r);
             a_done.wait();
             b_done.wait();
         });
         s.spawn(|| {
-            a_done.wait();
-            std::hint::black_box(c.traced(&w, &|| mark(2), &|| mark(3)));
+            let after_a = || {
+                made.wait();
+                a_done.wait();
+            };
+            std::hint::black_box(c.traced(&w, &after_a, &|| mark(2), &|| mark(3)));
             b_done.wait();
         });
     });
