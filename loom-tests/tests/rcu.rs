@@ -60,6 +60,26 @@ fn model_asymmetric() {
     model_of("rcu asymmetric", asymmetric);
 }
 
+/// The reader: one read section that loads the pointer and checks the object it saw (if any)
+/// is not freed; returns whether it saw it.
+fn spawn_reader(rcu: &Arc<SlotRcu>, ptr: &Arc<AtomicPtr<Obj>>) -> thread::JoinHandle<bool> {
+    let (rcu, ptr) = (rcu.clone(), ptr.clone());
+    thread::spawn(move || {
+        let r = rcu.register().unwrap();
+        let g = rcu.read_lock(&r);
+        // Acquire pairs with nothing here (the object is never re-initialized), but is what a
+        // real reader does.
+        let p = ptr.load(Ordering::Acquire);
+        let saw = !p.is_null();
+        if saw {
+            // SAFETY: the guard is what this model checks.
+            unsafe { &*p }.check.check();
+        }
+        drop(g);
+        saw
+    })
+}
+
 fn model_of(name: &'static str, make: fn() -> SlotRcu) {
     common::explore(name, common::unbounded(), &[false, true], move || {
         let rcu = Arc::new(make());
@@ -67,23 +87,7 @@ fn model_of(name: &'static str, make: fn() -> SlotRcu) {
             check: FreeCheck::new(),
         }));
         let ptr = Arc::new(AtomicPtr::new(obj));
-        let reader = {
-            let (rcu, ptr) = (rcu.clone(), ptr.clone());
-            thread::spawn(move || {
-                let r = rcu.register().unwrap();
-                let g = rcu.read_lock(&r);
-                // Acquire pairs with nothing here (the object is never re-initialized), but is
-                // what a real reader does.
-                let p = ptr.load(Ordering::Acquire);
-                let saw = !p.is_null();
-                if saw {
-                    // SAFETY: the guard is what this model checks.
-                    unsafe { &*p }.check.check();
-                }
-                drop(g);
-                saw
-            })
-        };
+        let reader = spawn_reader(&rcu, &ptr);
         unlink_and_free(&rcu, &ptr);
         reader.join().unwrap()
     });
@@ -133,22 +137,7 @@ fn model_try() {
             check: FreeCheck::new(),
         }));
         let ptr = Arc::new(AtomicPtr::new(obj));
-        let reader = {
-            let (rcu, ptr) = (rcu.clone(), ptr.clone());
-            thread::spawn(move || {
-                let r = rcu.register().unwrap();
-                let g = rcu.read_lock(&r);
-                // Acquire: as in `model_of`.
-                let p = ptr.load(Ordering::Acquire);
-                let saw = !p.is_null();
-                if saw {
-                    // SAFETY: the guard is what this model checks.
-                    unsafe { &*p }.check.check();
-                }
-                drop(g);
-                saw
-            })
-        };
+        let reader = spawn_reader(&rcu, &ptr);
         let old = ptr.swap(std::ptr::null_mut(), Ordering::AcqRel);
         let sp = SendPtr(old);
         let runs = Arc::new(AtomicUsize::new(0));
