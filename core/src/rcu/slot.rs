@@ -59,7 +59,9 @@
 //!   never writes a line another reader writes; the owner keeps a private shadow of it, so
 //!   entering and leaving a section are one store each and never load the slot.
 //! * Slots are freed only when the domain is dropped; readers borrow the domain, so none is left.
-//! * Every callback on the pending stack was queued before the scan that runs it started.
+//! * Every callback on the pending stack was queued before the scan that runs it started. A
+//!   callback taken off the stack by an attempt that gave up ([`SlotRcu::try_synchronize`])
+//!   goes back on it unrun, so a later scan — which starts later still — runs it.
 
 use super::{Deferred, DeferredStack, Rcu};
 use crate::alloc_util::try_box;
@@ -306,6 +308,9 @@ impl SlotRcu {
             }
             spin_loop();
             polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(RELAX_EVERY) {
+                (self.relax)();
+            }
         }
         true
     }
