@@ -38,6 +38,7 @@ fn a_short_run_prints_every_table_and_writes_csv_and_svg() {
         "lookup (probe key -> consumers), 1000 probes",
         "resolve (trap address -> mapping -> probe -> consumers), 1000 probes",
         "kprobe 0.6",
+        "probe-core (epoch)",
         "seqlock mm + ArcSwap map",
         "lookup 1000: probe-core / ceiling >= 0.85",
         "resolve 1000: scaling efficiency >= 0.9",
@@ -45,8 +46,9 @@ fn a_short_run_prints_every_table_and_writes_csv_and_svg() {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
     let csv = std::fs::read_to_string(out.join("report.csv")).unwrap();
-    // Header + 6 lookup and 5 resolve implementations at 2 thread counts.
-    assert_eq!(csv.lines().count(), 1 + (6 + 5) * 2, "{csv}");
+    // Header + 7 lookup and 6 resolve implementations (probe-core over two RCU domains) at 2
+    // thread counts.
+    assert_eq!(csv.lines().count(), 1 + (7 + 6) * 2, "{csv}");
     let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
     std::fs::remove_dir_all(out).unwrap();
