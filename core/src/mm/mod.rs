@@ -51,7 +51,7 @@ mod vma;
 mod writer;
 
 use crate::error::{Error, Result};
-use crate::lock::{RawGuard, RawLock, SpinLock};
+use crate::lock::{CachePadded, RawGuard, RawLock, SpinLock};
 use crate::seqcount::SeqCount;
 use crate::sync::Ordering;
 use crate::tree::CowTree;
@@ -69,8 +69,9 @@ pub struct AddressSpace<L: RawLock = SpinLock> {
     id: MmId,
     /// `mm_lock_seq`.
     seq: SeqCount,
-    /// The write lock (the kernel's `mmap_lock`, write side).
-    lock: L,
+    /// The write lock (the kernel's `mmap_lock`, write side). On its own cache line: a
+    /// writer takes it for a whole operation, and hits read `seq` and the index's root.
+    lock: CachePadded<L>,
     /// VMAs by start address.
     vmas: CowTree<u64, Vma>,
 }
@@ -103,7 +104,7 @@ impl<L: RawLock + Default> AddressSpace<L> {
         Self {
             id,
             seq: SeqCount::new(),
-            lock: L::default(),
+            lock: CachePadded::new(L::default()),
             vmas: CowTree::new(),
         }
     }

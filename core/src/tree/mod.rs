@@ -47,6 +47,7 @@ mod read;
 mod tests;
 mod write;
 
+use crate::lock::CachePadded;
 use crate::sync::{AtomicPtr, AtomicUsize, Ordering, UnsafeCell};
 use crate::types::ProbeKey;
 use core::ptr;
@@ -87,8 +88,9 @@ pub struct CowTree<K, V> {
     /// The writers' own copy of root and count, read and written only under the write lock.
     /// Writers never load the published root: a writer's own load of it would be a second
     /// access that hides, from loom's race tracking, the race between its store and a reader's
-    /// earlier load (tokio-rs/loom#392-style); and it keeps writers off the readers' line.
-    writer: UnsafeCell<WriterView<K, V>>,
+    /// earlier load (tokio-rs/loom#392-style). Padded onto its own cache line, so a write does
+    /// not take the readers' line (`root`, `len`) until it publishes.
+    writer: CachePadded<UnsafeCell<WriterView<K, V>>>,
     /// The hot-word hook ([`CowTree::with_hot`]): a value's current hot word, read under the
     /// write lock when a fresh leaf is published.
     hot_of: Option<HotOf<V>>,
@@ -133,10 +135,10 @@ impl<K: TreeKey, V> CowTree<K, V> {
         Self {
             root: AtomicPtr::new(ptr::null_mut()),
             len: AtomicUsize::new(0),
-            writer: UnsafeCell::new(WriterView {
+            writer: CachePadded::new(UnsafeCell::new(WriterView {
                 root: ptr::null_mut(),
                 len: 0,
-            }),
+            })),
             hot_of: None,
         }
     }
