@@ -176,7 +176,10 @@ fn stores_one(args: &[String]) -> Result<(), String> {
     let b_done = std::sync::Barrier::new(2);
     std::thread::scope(|s| {
         s.spawn(|| {
-            let r = c.traced(&w, &|| drop(made.wait()), &|| mark(0), &|| mark(1));
+            let ready = || {
+                made.wait();
+            };
+            let r = c.traced(&w, &ready, &|| mark(0), &|| mark(1));
             std::hint::black_box(r);
             a_done.wait();
             b_done.wait();
