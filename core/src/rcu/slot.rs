@@ -283,26 +283,23 @@ impl SlotRcu {
             let slot = unsafe { &*p };
             // Acquire pairs with the Release store in `exit` (R-exit).
             let s = slot.state.load(Ordering::Acquire);
-            if s & 1 == 1 {
-                let mut polls = 0u32;
-                // Acquire: as above.
-                while slot.state.load(Ordering::Acquire) == s {
-                    if patience.is_some_and(|n| polls >= n) {
-                        return false;
-                    }
-                    spin_loop();
-                    polls = polls.wrapping_add(1);
-                    if polls.is_multiple_of(RELAX_EVERY) {
-                        (self.relax)();
-                    }
-                }
+            // Acquire: as above.
+            if s & 1 == 1 && !self.poll_until(patience, || slot.state.load(Ordering::Acquire) != s)
+            {
+                return false;
             }
             p = slot.next;
         }
         // Foreign readers: a count, so wait for it to drain. Acquire pairs with the Release
         // decrement in `SlotGuard::drop`.
+        self.poll_until(patience, || self.overflow.load(Ordering::Acquire) == 0)
+    }
+
+    /// Polls `done` until it holds (`true`), or `patience` polls have failed (`false`; `None`:
+    /// never gives up), calling the relax hook every [`RELAX_EVERY`] polls.
+    fn poll_until(&self, patience: Option<u32>, done: impl Fn() -> bool) -> bool {
         let mut polls = 0u32;
-        while self.overflow.load(Ordering::Acquire) != 0 {
+        while !done() {
             if patience.is_some_and(|n| polls >= n) {
                 return false;
             }
