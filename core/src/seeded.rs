@@ -50,7 +50,7 @@ pub enum Bug {
     /// Speculative resolve, Andrii Nakryiko's first draft (seed 003): compare only the VMA's
     /// `vm_lock_seq` before and after, never `mm_lock_seq`.
     MmOnlyVmaLockSeq,
-    /// Address space: an unmapped VMA and its object handle are freed at once, not deferred.
+    /// Address space: an unmapped VMA is freed at once, not deferred.
     MmFreeWithoutDeferral,
     /// Speculative resolve: validation done before the probe lookup instead of after it.
     ResolveValidateBeforeLookup,

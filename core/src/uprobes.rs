@@ -47,12 +47,20 @@
 //! is at that address and no probe owns it: the embedder delivers it to the program); *restart*
 //! (no trap there any more — the probe went away between the trap and the lookup: execute the
 //! instruction again). A miss never becomes "not ours" unless a trap is really there.
+//!
+//! A speculation that a writer raced is not sent to the lock at once: it waits, a bounded number
+//! of polls, for the address space's write section to end, and speculates again (at most
+//! [`SPECULATION_RETRIES`] times). The write section is one index edit; the lock is held for a
+//! whole `mmap` (reverse map, breakpoint installs), which a hit sent to it waits out. In the
+//! contention report (resolve, 1 000 probes, one hitter, 1 000 maps+unmaps/s, AMD EPYC), an
+//! instrumented build counted about 75 hits on the lock per 100 ms window before the retry,
+//! averaging 88 000 TSC cycles each; with it, one in a whole run.
 
 use crate::alloc_util::try_vec_with_capacity;
 use crate::arch::{Arch, MAX_BREAKPOINT, SavedInsn, TextPatcher};
 use crate::error::{Error, Result};
 use crate::lock::{DEFAULT_LOCK_SLOTS, LockTable, RawGuard, RawLock, SpinLock};
-use crate::mm::{AddressSpace, AddressSpaceOps, MmId, MmWriter, VmFlags, VmaInfo};
+use crate::mm::{AddressSpace, AddressSpaceOps, MmId, MmWriter, Speculation, VmFlags, VmaInfo};
 use crate::probe::{ObjectId, ProbeKey};
 use crate::rcu::Rcu;
 use crate::registry::{ProbeView, ReadGuard, Registry};
@@ -118,6 +126,28 @@ pub enum Path {
     Speculative,
     /// The address space's lock.
     Locked,
+}
+
+/// How many times [`Uprobes::resolve`] speculates again after a writer raced its speculation,
+/// before it takes the address space's lock.
+pub const SPECULATION_RETRIES: u32 = 2;
+
+/// How many polls (each a spin-loop hint) a raced speculation waits for the address space's
+/// write section to end before it speculates again.
+#[cfg(not(loom))]
+pub const RACED_WAIT_POLLS: u32 = 1024;
+/// How many polls a raced speculation waits (under loom, one: each poll is a model yield).
+#[cfg(loom)]
+pub const RACED_WAIT_POLLS: u32 = 1;
+
+/// One speculation's outcome.
+enum Attempt<'g, C: ?Sized, R: Rcu, L: RawLock, const N: usize> {
+    /// A live probe, validated.
+    Found(ProbeView<'g, C, R, L, N>),
+    /// A writer was inside, or changed the address space before validation.
+    Raced,
+    /// Nothing live there, unraced: only the lock can say what is.
+    Nothing,
 }
 
 /// Probes, address spaces, and the breakpoints between them. See the [module docs](self).
@@ -622,14 +652,35 @@ where
     // ------------------------------------------------------------------ the hit path
 
     /// Answers a trap at `addr` in `mm`. Speculative first; the locked path otherwise.
+    ///
+    /// A speculation that a writer raced (the address space was inside a write section, or
+    /// changed before validation) is tried again, up to [`SPECULATION_RETRIES`] times, each
+    /// after waiting up to [`RACED_WAIT_POLLS`] polls for the write section to end. A write
+    /// section is one index edit, far shorter than the address-space lock's hold (a whole
+    /// `mmap`, breakpoint installs included), so waiting it out is what keeps a hit racing a
+    /// mapping change off the lock. A speculation that found nothing, unraced, goes straight to
+    /// the lock: only the locked path may say [`Hit::NotOurs`] or [`Hit::Restart`].
     pub fn resolve<'g, M: AddressSpaceOps>(
         &self,
         guard: &'g ReadGuard<'_, C, R, L, N>,
         mm: &M,
         addr: u64,
     ) -> (Hit<'g, C, R, L, N>, Path) {
-        if let Some(p) = Self::speculate(guard, mm, addr) {
-            return (Hit::Run(p), Path::Speculative);
+        let mut retries = SPECULATION_RETRIES;
+        loop {
+            match Self::attempt(guard, mm, addr) {
+                Attempt::Found(p) => return (Hit::Run(p), Path::Speculative),
+                Attempt::Raced if retries > 0 => {
+                    retries -= 1;
+                    for _ in 0..RACED_WAIT_POLLS {
+                        if mm.stamp().is_some() {
+                            break;
+                        }
+                        crate::sync::spin_loop();
+                    }
+                }
+                Attempt::Raced | Attempt::Nothing => break,
+            }
         }
         (self.resolve_locked(guard, mm, addr), Path::Locked)
     }
@@ -641,24 +692,61 @@ where
         mm: &M,
         addr: u64,
     ) -> Option<ProbeView<'g, C, R, L, N>> {
-        let mut spec = mm.speculate_begin()?;
-        let (object, offset) = mm.speculate_find(&mut spec, addr)?;
+        match Self::attempt(guard, mm, addr) {
+            Attempt::Found(p) => Some(p),
+            Attempt::Raced | Attempt::Nothing => None,
+        }
+    }
+
+    /// One speculation, and whether a writer raced it when it found no live probe.
+    #[inline]
+    fn attempt<'g, M: AddressSpaceOps>(
+        guard: &'g ReadGuard<'_, C, R, L, N>,
+        mm: &M,
+        addr: u64,
+    ) -> Attempt<'g, C, R, L, N> {
+        let Some(mut spec) = mm.speculate_begin() else {
+            return Attempt::Raced;
+        };
+        // What a speculation that found no live probe says: raced if the address space changed
+        // meanwhile (what it read may be torn), otherwise nothing is there to find without the
+        // lock.
+        let missed = |spec: &Speculation| {
+            if mm.speculate_validate(spec) {
+                Attempt::Nothing
+            } else {
+                Attempt::Raced
+            }
+        };
+        let Some((object, offset)) = mm.speculate_find(&mut spec, addr) else {
+            return missed(&spec);
+        };
         #[cfg(loom)]
         if crate::seeded::is(crate::seeded::Bug::ResolveValidateBeforeLookup) {
             if !mm.speculate_validate(&spec) {
-                return None;
+                return Attempt::Raced;
             }
-            return guard
+            return match guard
                 .lookup(&ProbeKey::new(object, offset))
-                .filter(|p| !p.consumers().is_empty());
+                .filter(|p| !p.consumers().is_empty())
+            {
+                Some(p) => Attempt::Found(p),
+                None => Attempt::Nothing,
+            };
         }
-        let p = guard.lookup(&ProbeKey::new(object, offset))?;
-        if p.consumers().is_empty() {
-            return None;
-        }
+        let Some(p) = guard
+            .lookup(&ProbeKey::new(object, offset))
+            .filter(|p| !p.consumers().is_empty())
+        else {
+            return missed(&spec);
+        };
         // Validate last: only now is (object, offset) — and so the probe — known to be what
         // `addr` mapped at one instant.
-        mm.speculate_validate(&spec).then_some(p)
+        if mm.speculate_validate(&spec) {
+            Attempt::Found(p)
+        } else {
+            Attempt::Raced
+        }
     }
 
     /// The locked path.

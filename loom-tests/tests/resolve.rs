@@ -89,11 +89,6 @@ fn seeded_validate_before_probe_lookup() {
     common::must_catch(Bug::ResolveValidateBeforeLookup, replace_then_register);
 }
 
-#[test]
-fn seeded_handle_freed_without_deferral() {
-    common::must_catch(Bug::MmFreeWithoutDeferral, replace_then_register);
-}
-
 /// Unmapping under a hit: the probe before, a restart after, nothing freed under the reader.
 fn unmap() {
     run(

@@ -388,14 +388,10 @@ fn main() {
     );
     println!("heap: {pages}");
 
-    let per_table = |t: Table| match t {
-        Table::Lookup => 6,
-        Table::Resolve => 5,
-    };
     let total: usize = cfg
         .tables
         .iter()
-        .map(|&t| per_table(t) * cfg.probes.len() * cfg.threads.len() * cfg.repeats)
+        .map(|&t| table_size(t) * cfg.probes.len() * cfg.threads.len() * cfg.repeats)
         .sum();
     let max_threads = *cfg.threads.iter().max().unwrap_or(&1);
     let mut results = Results {

@@ -21,9 +21,9 @@
 //!
 //! 1. `try_begin` on `mm_lock_seq` — fail at once if a writer is inside (no spinning).
 //! 2. find the VMA by address in the copy-on-write index (lock-free, bounded);
-//! 3. read its fields and its object handle through Relaxed atomics — *untrusted* values: a
-//!    writer may be changing them; the handle's memory stays valid because handles and VMAs are
-//!    freed only after a grace period;
+//! 3. read its fields (the object's id among them) through Relaxed atomics — *untrusted*
+//!    values: a writer may be changing them; the VMA's memory stays valid because VMAs are freed
+//!    only after a grace period;
 //! 4. look the probe up;
 //! 5. validate: the VMA is not write-locked and `mm_lock_seq` still equals the begin value. Only
 //!    then is the (object, offset) — and the probe found for it — trusted. Any doubt means the
@@ -37,10 +37,10 @@
 //!
 //! # Invariants
 //!
-//! * INVARIANT: every change to a VMA's fields, to the index, or to a handle pointer happens
+//! * INVARIANT: every change to a VMA's fields (its object included) or to the index happens
 //!   inside a write section of `mm_lock_seq`, with the VMA write-locked, under the lock.
-//! * INVARIANT: a VMA or object handle that a reader may have reached is freed only through
-//!   [`Rcu::defer`](crate::rcu::Rcu::defer) after it was unlinked (removed from the index, or the handle replaced).
+//! * INVARIANT: a VMA that a reader may have reached is freed only through
+//!   [`Rcu::defer`](crate::rcu::Rcu::defer) after it was unlinked (removed from the index).
 //! * INVARIANT: VMAs in the index never overlap, are page-aligned, and are non-empty (checked by
 //!   every operation before it changes anything; a failed operation changes nothing).
 
@@ -53,7 +53,6 @@ mod writer;
 use crate::error::{Error, Result};
 use crate::lock::{CachePadded, RawGuard, RawLock, SpinLock};
 use crate::seqcount::SeqCount;
-use crate::sync::Ordering;
 use crate::tree::CowTree;
 use alloc::vec::Vec;
 use core::fmt;
@@ -61,7 +60,7 @@ use vma::Graveyard;
 
 pub use crate::types::{MmId, PAGE_SIZE, VmFlags, VmaInfo};
 pub use speculation::{AddressSpaceOps, Speculation};
-pub use vma::{ObjectHandle, Vma};
+pub use vma::Vma;
 pub use writer::MmWriter;
 
 /// The reference address space. See the [module docs](self).
@@ -142,18 +141,13 @@ impl<L: RawLock> AddressSpace<L> {
 
 impl<L: RawLock> Drop for AddressSpace<L> {
     fn drop(&mut self) {
-        // `&mut self`: no reader is left. Free the VMAs and handles still mapped; the index frees
-        // its own nodes.
-        let mut grave = Graveyard {
-            vmas: Vec::new(),
-            handles: Vec::new(),
-        };
+        // `&mut self`: no reader is left. Free the VMAs still mapped; the index frees its own
+        // nodes.
+        let mut grave = Graveyard { vmas: Vec::new() };
         // SAFETY: exclusive access.
         unsafe {
             self.vmas.for_each(|_, v| {
                 grave.vmas.push(v as *mut Vma);
-                // Relaxed: exclusive access.
-                grave.handles.push((*v).object.load(Ordering::Relaxed));
                 true
             })
         };

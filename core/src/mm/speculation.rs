@@ -45,7 +45,7 @@ pub unsafe trait AddressSpaceOps {
     fn unchanged_since(&self, stamp: u64) -> bool;
 }
 
-// SAFETY: `speculate_find` touches only the index (copy-on-write, RCU-freed), VMAs and handles
+// SAFETY: `speculate_find` touches only the index (copy-on-write, RCU-freed) and VMAs
 // (RCU-freed), all through atomics; `speculate_validate` is the seqcount validation plus the
 // VMA lock check; `locked_find` holds the write lock while `f` runs.
 unsafe impl<L: RawLock> AddressSpaceOps for AddressSpace<L> {
@@ -82,7 +82,7 @@ unsafe impl<L: RawLock> AddressSpaceOps for AddressSpace<L> {
             // Relaxed: the draft's "before" value of the VMA's lock sequence.
             spec.token = SeqToken::from_raw(vma.vm_lock_seq.load(Ordering::Relaxed));
         }
-        let info = info_of(vma)?;
+        let info = info_of(vma);
         if !info.contains(addr) || !info.flags.contains(VmFlags::EXEC) {
             return None;
         }

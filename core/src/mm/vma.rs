@@ -1,24 +1,20 @@
 //! The VMA records: one mapping's fields as atomics (read under speculation, never plain
-//! memory), the object handle it points to, how both are built before they are published, and
-//! the graveyard that frees them a grace period after they were unlinked.
+//! memory), how they are built before they are published, and the graveyard that frees them a
+//! grace period after they were unlinked.
+//!
+//! What a mapping maps (the kernel's `vm_file`) is a field like the others, the object's id,
+//! not a pointer to a separately allocated handle: a hit reads the whole mapping from the one
+//! record the index leads to, without a second dependent load before it can look the probe up.
+//! Replacing the object is an in-place edit inside a write section, validated like any other.
 
 use crate::alloc_util::{try_box, try_vec_with_capacity};
 use crate::error::Result;
 use crate::rcu::Deferred;
-use crate::sync::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, FreeCheck, Ordering, quarantine};
+use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, FreeCheck, Ordering, quarantine};
 use crate::types::{ObjectId, VmFlags, VmaInfo};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
-
-/// What a mapping maps (the kernel's `vm_file`): immutable once published, freed only a grace
-/// period after no VMA points at it, so a speculative reader may read it — and must not trust
-/// what it reads until validation.
-#[derive(Debug)]
-pub struct ObjectHandle {
-    pub(super) object: ObjectId,
-    pub(super) free_check: FreeCheck,
-}
 
 /// One mapping. Fields are atomics because speculative readers read them while a writer may be
 /// changing them (Relaxed, validated by the sequence count — never plain memory).
@@ -27,7 +23,8 @@ pub struct Vma {
     pub(super) end: AtomicU64,
     pub(super) pgoff: AtomicU64,
     pub(super) flags: AtomicU32,
-    pub(super) object: AtomicPtr<ObjectHandle>,
+    /// The mapped object's id ([`ObjectId`]).
+    pub(super) object: AtomicU64,
     /// Equal to the address space's current `mm_lock_seq` while write-locked.
     pub(super) vm_lock_seq: AtomicUsize,
     pub(super) free_check: FreeCheck,
@@ -41,38 +38,26 @@ impl fmt::Debug for Vma {
 
 /// Reads a VMA's fields (Relaxed: under the lock they are stable; under speculation they are
 /// validated by the caller).
-pub(super) fn info_of(v: &Vma) -> Option<VmaInfo> {
+// Inline: the hit path reads every mapping through it; out of line it cost a call per hit.
+#[inline]
+pub(super) fn info_of(v: &Vma) -> VmaInfo {
     v.free_check.check();
     // Relaxed loads: the values are validated by the sequence count (speculation) or stable
-    // under the lock; the handle pointer is loaded Acquire below.
-    let start = v.start.load(Ordering::Relaxed);
-    let end = v.end.load(Ordering::Relaxed);
-    let pgoff = v.pgoff.load(Ordering::Relaxed);
-    let flags = VmFlags::from_bits(v.flags.load(Ordering::Relaxed));
-    // Acquire pairs with the Release store that published the handle (`new_vma`, `set_handle`):
-    // the handle's contents were written before its pointer.
-    let h = v.object.load(Ordering::Acquire);
-    if h.is_null() {
-        return None;
+    // under the lock. A VMA's fields were written before the index's Release store published
+    // it, which the reader's Acquire load of the index pairs with.
+    VmaInfo {
+        start: v.start.load(Ordering::Relaxed),
+        end: v.end.load(Ordering::Relaxed),
+        pgoff: v.pgoff.load(Ordering::Relaxed),
+        flags: VmFlags::from_bits(v.flags.load(Ordering::Relaxed)),
+        object: ObjectId(v.object.load(Ordering::Relaxed)),
     }
-    // SAFETY: handles are freed only a grace period after being unlinked (module invariant); the
-    // caller holds a read guard or the lock.
-    let h = unsafe { &*h };
-    h.free_check.check();
-    Some(VmaInfo {
-        start,
-        end,
-        pgoff,
-        flags,
-        object: h.object,
-    })
 }
 
-/// VMAs and handles to free after a grace period, gathered before the write section so that the
-/// callback's allocation cannot fail after anything changed.
+/// VMAs to free after a grace period, gathered before the write section so that the callback's
+/// allocation cannot fail after anything changed.
 pub(super) struct Graveyard {
     pub(super) vmas: Vec<*mut Vma>,
-    pub(super) handles: Vec<*mut ObjectHandle>,
 }
 
 struct SendGraveyard(Graveyard);
@@ -80,10 +65,9 @@ struct SendGraveyard(Graveyard);
 unsafe impl Send for SendGraveyard {}
 
 impl Graveyard {
-    pub(super) fn with_capacity(vmas: usize, handles: usize) -> Result<Self> {
+    pub(super) fn with_capacity(vmas: usize) -> Result<Self> {
         Ok(Self {
             vmas: try_vec_with_capacity(vmas)?,
-            handles: try_vec_with_capacity(handles)?,
         })
     }
 
@@ -104,12 +88,6 @@ impl Graveyard {
     ///
     /// No reader can reach any of it.
     pub(super) unsafe fn free_now(self) {
-        for h in self.handles {
-            // SAFETY: the caller's contract; each was boxed by `new_handle`.
-            let b = unsafe { Box::from_raw(h) };
-            b.free_check.mark_freed();
-            quarantine(b);
-        }
         for v in self.vmas {
             // SAFETY: the caller's contract; each was boxed by `new_vma`.
             let b = unsafe { Box::from_raw(v) };
@@ -119,31 +97,15 @@ impl Graveyard {
     }
 }
 
-pub(super) fn new_handle(object: ObjectId) -> Result<*mut ObjectHandle> {
-    Ok(Box::into_raw(try_box(ObjectHandle {
-        object,
-        free_check: FreeCheck::new(),
-    })?))
-}
-
-/// A fresh VMA (and its handle), not yet published.
+/// A fresh VMA, not yet published.
 pub(super) fn new_vma(info: &VmaInfo, lock_seq: usize) -> Result<*mut Vma> {
-    let h = new_handle(info.object)?;
-    match try_box(Vma {
+    Ok(Box::into_raw(try_box(Vma {
         start: AtomicU64::new(info.start),
         end: AtomicU64::new(info.end),
         pgoff: AtomicU64::new(info.pgoff),
         flags: AtomicU32::new(info.flags.bits()),
-        // Published with the VMA itself (the index's Release store orders it).
-        object: AtomicPtr::new(h),
+        object: AtomicU64::new(info.object.0),
         vm_lock_seq: AtomicUsize::new(lock_seq),
         free_check: FreeCheck::new(),
-    }) {
-        Ok(b) => Ok(Box::into_raw(b)),
-        Err(e) => {
-            // SAFETY: never published.
-            drop(unsafe { Box::from_raw(h) });
-            Err(e)
-        }
-    }
+    })?))
 }

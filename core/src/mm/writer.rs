@@ -2,7 +2,7 @@
 //! unmap, protect, remap, replace the object, fork, clear) is one write section — checked
 //! first, its memory reserved, then applied whole or not at all.
 
-use super::vma::{Graveyard, Vma, info_of, new_handle, new_vma};
+use super::vma::{Graveyard, Vma, info_of, new_vma};
 use super::{AddressSpace, check_range};
 use crate::alloc_util::try_vec_with_capacity;
 use crate::error::{Error, Result};
@@ -11,7 +11,6 @@ use crate::rcu::{Deferred, Rcu};
 use crate::sync::Ordering;
 use crate::tree::Batch;
 use crate::types::{MmId, ObjectId, PAGE_SIZE, VmFlags, VmaInfo};
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -39,7 +38,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         // SAFETY: the lock is held.
         let (_, v) = unsafe { self.mm.vmas.floor_locked(&addr) }?;
         // SAFETY: in the index under the lock: allocated.
-        let info = info_of(unsafe { &*v })?;
+        let info = info_of(unsafe { &*v });
         info.contains(addr).then_some(info)
     }
 
@@ -49,9 +48,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         // SAFETY: the lock is held: the published index is the writers' index.
         unsafe {
             self.mm.vmas.for_each(|_, v| {
-                if let Some(i) = info_of(&*v) {
-                    out.push(i);
-                }
+                out.push(info_of(&*v));
                 true
             })
         };
@@ -65,7 +62,8 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         // SAFETY: the lock is held.
         if let Some((_, v)) = unsafe { self.mm.vmas.floor_locked(&start) } {
             // SAFETY: in the index under the lock.
-            if let Some(i) = info_of(unsafe { &*v }).filter(|i| i.end > start) {
+            let i = info_of(unsafe { &*v });
+            if i.end > start {
                 out.push((v, i));
                 from = i.end;
             }
@@ -75,13 +73,11 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             // SAFETY: the lock is held; nothing is freed during the walk.
             unsafe {
                 self.mm.vmas.range(&from, &end, |_, v| {
-                    if let Some(i) = info_of(&*v) {
-                        if out.len() == out.capacity() && out.try_reserve(out.len()).is_err() {
-                            err = Err(Error::NoMemory);
-                            return false;
-                        }
-                        out.push((v, i));
+                    if out.len() == out.capacity() && out.try_reserve(out.len()).is_err() {
+                        err = Err(Error::NoMemory);
+                        return false;
                     }
+                    out.push((v, info_of(&*v)));
                     true
                 })
             };
@@ -172,7 +168,6 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             unsafe {
                 Graveyard {
                     vmas: alloc::vec![v],
-                    handles: alloc::vec![(*v).object.load(Ordering::Relaxed)],
                 }
                 .free_now()
             };
@@ -215,9 +210,7 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             return Ok(());
         };
         // SAFETY: in the index under the lock.
-        let Some(i) = info_of(unsafe { &*v }) else {
-            return Ok(());
-        };
+        let i = info_of(unsafe { &*v });
         if !(i.start < a && a < i.end) {
             return Ok(());
         }
@@ -248,7 +241,6 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             unsafe {
                 Graveyard {
                     vmas: alloc::vec![t],
-                    handles: alloc::vec![(*t).object.load(Ordering::Relaxed)],
                 }
                 .free_now()
             };
@@ -286,12 +278,9 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         // Now every intersecting VMA lies inside the range. If removing fails below, the split is
         // the only change, and it is invisible (the same addresses map the same bytes).
         let vs = self.covered(start, end)?;
-        let mut grave = Graveyard::with_capacity(vs.len(), vs.len())?;
+        let mut grave = Graveyard::with_capacity(vs.len())?;
         for (v, _) in &vs {
             grave.vmas.push(*v as *mut Vma);
-            // SAFETY: in the index under the lock. Relaxed: under the lock.
-            let h = unsafe { &**v }.object.load(Ordering::Relaxed);
-            grave.handles.push(h);
         }
         let grave = grave.into_deferred()?;
         let locked: Vec<*const Vma> = vs.iter().map(|x| x.0).collect();
@@ -382,8 +371,8 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
         Ok(info)
     }
 
-    /// Replaces what the mapping at `addr` maps (a new handle; the old one is freed after a grace
-    /// period): the in-place change a speculative reader must never half-see.
+    /// Replaces what the mapping at `addr` maps (object and offset, edited in place): the change a
+    /// speculative reader must never half-see.
     ///
     /// # Errors
     ///
@@ -403,28 +392,10 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             return Err(Error::NotMapped);
         };
         // SAFETY: in the index under the lock.
-        let Some(before) = info_of(unsafe { &*v }) else {
-            return Err(Error::NotMapped);
-        };
+        let before = info_of(unsafe { &*v });
         if !before.contains(addr) {
             return Err(Error::NotMapped);
         }
-        let h = new_handle(object)?;
-        // SAFETY: in the index under the lock. Relaxed: under the lock.
-        let old = unsafe { &*v }.object.load(Ordering::Relaxed);
-        let grave = match (Graveyard {
-            vmas: Vec::new(),
-            handles: alloc::vec![old],
-        })
-        .into_deferred()
-        {
-            Ok(g) => g,
-            Err(e) => {
-                // SAFETY: never published.
-                drop(unsafe { Box::from_raw(h) });
-                return Err(e);
-            }
-        };
         self.section(
             rcu,
             &[v],
@@ -432,12 +403,13 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
             || {
                 // SAFETY: write-locked in this section.
                 let vma = unsafe { &*v };
-                // Release pairs with the Acquire load in `info_of`: the handle's contents first.
-                vma.object.store(h, Ordering::Release);
-                // Relaxed: inside the write section.
+                // Relaxed: inside the write section; a reader that read either field during it
+                // fails validation (the section's sequence), so it never trusts a mix of the
+                // old object with the new offset.
+                vma.object.store(object.0, Ordering::Relaxed);
                 vma.pgoff.store(pgoff, Ordering::Relaxed);
             },
-            Some(grave),
+            None,
         )?;
         Ok(before)
     }
@@ -466,13 +438,12 @@ impl<'a, L: RawLock> MmWriter<'a, L> {
     /// Unmaps everything (exit). Returns what was mapped.
     pub fn clear<R: Rcu>(&self, rcu: &R) -> Result<Vec<VmaInfo>> {
         let all = self.mappings();
-        let mut grave = Graveyard::with_capacity(all.len(), all.len())?;
+        let mut grave = Graveyard::with_capacity(all.len())?;
         let mut locked = try_vec_with_capacity(all.len())?;
         // SAFETY: the lock is held.
         unsafe {
             self.mm.vmas.for_each(|_, v| {
                 grave.vmas.push(v as *mut Vma);
-                grave.handles.push((*v).object.load(Ordering::Relaxed));
                 locked.push(v);
                 true
             })

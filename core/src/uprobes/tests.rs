@@ -478,3 +478,88 @@ fn unregister_never_allocates_across_many_mappings() {
     }
     assert!(u.registry().is_empty());
 }
+
+/// An address space whose first `raced` speculations see a writer inside (as a real race
+/// would: `speculate_begin` fails); counts how many were begun and how many took the lock.
+struct RacedMm {
+    inner: Arc<crate::mm::AddressSpace>,
+    raced: core::cell::Cell<u32>,
+    begun: core::cell::Cell<u32>,
+    locked: core::cell::Cell<u32>,
+}
+
+// SAFETY: every method is the inner address space's, except that `speculate_begin` may fail
+// (which is always allowed) and `locked_find` counts its calls.
+unsafe impl crate::mm::AddressSpaceOps for RacedMm {
+    fn id(&self) -> MmId {
+        self.inner.id()
+    }
+    fn speculate_begin(&self) -> Option<crate::mm::Speculation> {
+        self.begun.set(self.begun.get() + 1);
+        if self.raced.get() > 0 {
+            self.raced.set(self.raced.get() - 1);
+            return None;
+        }
+        self.inner.speculate_begin()
+    }
+    fn speculate_find(
+        &self,
+        spec: &mut crate::mm::Speculation,
+        addr: u64,
+    ) -> Option<(ObjectId, u64)> {
+        self.inner.speculate_find(spec, addr)
+    }
+    fn speculate_validate(&self, spec: &crate::mm::Speculation) -> bool {
+        self.inner.speculate_validate(spec)
+    }
+    fn locked_find<T>(&self, addr: u64, f: impl FnOnce(Option<VmaInfo>) -> T) -> T {
+        self.locked.set(self.locked.get() + 1);
+        self.inner.locked_find(addr, f)
+    }
+    fn stamp(&self) -> Option<u64> {
+        self.inner.stamp()
+    }
+    fn unchanged_since(&self, stamp: u64) -> bool {
+        self.inner.unchanged_since(stamp)
+    }
+}
+
+/// A speculation a writer raced is tried again, up to `SPECULATION_RETRIES` times, before the
+/// lock; one that found nothing, unraced, takes the lock at once.
+#[test]
+fn a_raced_speculation_is_retried_before_the_lock() {
+    use crate::uprobes::{Path, SPECULATION_RETRIES};
+    let text = ByteText::new();
+    text.add_object(ObjectId(1), object_bytes(1));
+    let u: U = Uprobes::new(SlotRcu::new(), text);
+    let mm = u.create_mm(MmId(1)).unwrap();
+    u.mmap(&mm, 0, 4 * P, 0, ObjectId(1), VmFlags::EXEC)
+        .unwrap();
+    let (c, _) = counting();
+    u.register(ProbeKey::new(ObjectId(1), P + 3), c).unwrap();
+    let reader = u.registry().rcu().register().unwrap();
+    let g = u.read(&reader);
+    let run = |raced: u32, addr: u64| {
+        let m = RacedMm {
+            inner: mm.clone(),
+            raced: core::cell::Cell::new(raced),
+            begun: core::cell::Cell::new(0),
+            locked: core::cell::Cell::new(0),
+        };
+        let (hit, path) = u.resolve(&g, &m, addr);
+        let ran = matches!(hit, Hit::Run(p) if p.key() == ProbeKey::new(ObjectId(1), addr));
+        (ran, path, m.begun.get(), m.locked.get())
+    };
+    // Raced as often as it retries: the last retry answers, speculatively.
+    assert_eq!(
+        run(SPECULATION_RETRIES, P + 3),
+        (true, Path::Speculative, SPECULATION_RETRIES + 1, 0)
+    );
+    // Raced once more: the lock answers, with the same probe.
+    assert_eq!(
+        run(SPECULATION_RETRIES + 1, P + 3),
+        (true, Path::Locked, SPECULATION_RETRIES + 1, 1)
+    );
+    // Unraced and nothing there (no probe at this offset): one speculation, then the lock.
+    assert_eq!(run(0, 2 * P), (false, Path::Locked, 1, 1));
+}

@@ -1217,7 +1217,7 @@ impl Live {
             });
         }
         loop {
-            // The model's VMAs and handles are freed through the registry's domain: hold one of
+            // The model's VMAs are freed through the registry's domain: hold one of
             // its read sections while speculating.
             let _guard = self.reg.rcu().read_lock(reader);
             let mm = &self.opt.space().mm;
