@@ -54,6 +54,10 @@ pub enum Bug {
     MmFreeWithoutDeferral,
     /// Speculative resolve: validation done before the probe lookup instead of after it.
     ResolveValidateBeforeLookup,
+    /// Speculative resolve: a raced speculation's retry keeps the (object, offset) the raced one
+    /// found and only begins and validates again, so it can trust a key that was never what the
+    /// address mapped.
+    ResolveRetryKeepsFind,
     /// Locked resolve: a lookup miss answers "not ours" without checking for a trap there.
     ResolveMissIsNotOurs,
     /// Unregistration lets the probe leave the tree before restoring its breakpoints (the

@@ -666,6 +666,10 @@ where
         mm: &M,
         addr: u64,
     ) -> (Hit<'g, C, R, L, N>, Path) {
+        #[cfg(loom)]
+        if crate::seeded::is(crate::seeded::Bug::ResolveRetryKeepsFind) {
+            return self.resolve_retry_keeping_find(guard, mm, addr);
+        }
         let mut retries = SPECULATION_RETRIES;
         loop {
             match Self::attempt(guard, mm, addr) {
@@ -681,6 +685,44 @@ where
                 }
                 Attempt::Raced | Attempt::Nothing => break,
             }
+        }
+        (self.resolve_locked(guard, mm, addr), Path::Locked)
+    }
+
+    /// The seeded bug [`ResolveRetryKeepsFind`](crate::seeded::Bug::ResolveRetryKeepsFind): a
+    /// raced speculation that had found a key retries with a fresh begin and validation around a
+    /// lookup of the *old* key.
+    #[cfg(loom)]
+    fn resolve_retry_keeping_find<'g, M: AddressSpaceOps>(
+        &self,
+        guard: &'g ReadGuard<'_, C, R, L, N>,
+        mm: &M,
+        addr: u64,
+    ) -> (Hit<'g, C, R, L, N>, Path) {
+        let mut kept = None;
+        for _ in 0..=SPECULATION_RETRIES {
+            let Some(mut spec) = mm.speculate_begin() else {
+                crate::sync::spin_loop();
+                continue;
+            };
+            let found = match kept {
+                Some(k) => Some(k),
+                None => mm.speculate_find(&mut spec, addr),
+            };
+            let Some((object, offset)) = found else {
+                break;
+            };
+            let p = guard
+                .lookup(&ProbeKey::new(object, offset))
+                .filter(|p| !p.consumers().is_empty());
+            if mm.speculate_validate(&spec) {
+                match p {
+                    Some(p) => return (Hit::Run(p), Path::Speculative),
+                    None => break,
+                }
+            }
+            kept = Some((object, offset));
+            crate::sync::spin_loop();
         }
         (self.resolve_locked(guard, mm, addr), Path::Locked)
     }

@@ -5,6 +5,11 @@
 //! Each model: two threads (a writer changing the address space, a hit resolving), unbounded.
 //! The models register probes at the *torn* keys too (object of one version, offset of the
 //! other), so a torn read that got accepted shows up as a `Run` on the wrong key.
+//!
+//! `resolve` retries a raced speculation (under loom: after one yield, up to
+//! `SPECULATION_RETRIES` times), so these models also check that a retry finds afresh: the
+//! seeded `ResolveRetryKeepsFind` re-validates the raced attempt's key around a new begin and
+//! is caught resolving X@A, a key that never was what the address mapped.
 
 #![cfg(loom)]
 
@@ -87,6 +92,11 @@ fn seeded_reader_skips_the_odd_check() {
 #[test]
 fn seeded_validate_before_probe_lookup() {
     common::must_catch(Bug::ResolveValidateBeforeLookup, replace_then_register);
+}
+
+#[test]
+fn seeded_retry_keeps_the_raced_find() {
+    common::must_catch(Bug::ResolveRetryKeepsFind, replace_then_register);
 }
 
 /// Unmapping under a hit: the probe before, a restart after, nothing freed under the reader.
