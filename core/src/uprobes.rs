@@ -660,6 +660,9 @@ where
     /// `mmap`, breakpoint installs included), so waiting it out is what keeps a hit racing a
     /// mapping change off the lock. A speculation that found nothing, unraced, goes straight to
     /// the lock: only the locked path may say [`Hit::NotOurs`] or [`Hit::Restart`].
+    // Inline: the speculative path is the hit path, and a call returns the (Hit, Path) pair
+    // through memory; the locked path stays out of line (`locked_fallback`).
+    #[inline]
     pub fn resolve<'g, M: AddressSpaceOps>(
         &self,
         guard: &'g ReadGuard<'_, C, R, L, N>,
@@ -686,6 +689,18 @@ where
                 Attempt::Raced | Attempt::Nothing => break,
             }
         }
+        self.locked_fallback(guard, mm, addr)
+    }
+
+    /// [`Uprobes::resolve_locked`], out of line and cold: the hit path's rare case.
+    #[cold]
+    #[inline(never)]
+    fn locked_fallback<'g, M: AddressSpaceOps>(
+        &self,
+        guard: &'g ReadGuard<'_, C, R, L, N>,
+        mm: &M,
+        addr: u64,
+    ) -> (Hit<'g, C, R, L, N>, Path) {
         (self.resolve_locked(guard, mm, addr), Path::Locked)
     }
 
