@@ -52,6 +52,7 @@ pub const USAGE: &str = "\
 usage: contention [flags]
        contention --instructions [PROBES,...]   instructions per hit, by callgrind (valgrind)
        contention --shared-stores               stores per hit to shared cache lines, by lackey
+       contention --agree A.csv B.csv           do two runs' report.csv agree (10% / 20% per row)?
 
 Hit throughput of probe-core against the alternatives, per thread count, while a writer thread
 registers/unregisters probes and maps/unmaps code. Prints a table; writes CSV and SVG.

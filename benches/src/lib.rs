@@ -16,6 +16,7 @@
 
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod agree;
 pub mod config;
 pub mod contenders;
 pub mod report;

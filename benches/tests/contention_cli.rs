@@ -51,6 +51,19 @@ fn a_short_run_prints_every_table_and_writes_csv_and_svg() {
     assert_eq!(csv.lines().count(), 1 + (7 + 6) * 2, "{csv}");
     let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+    // A run agrees with itself; `--agree` reads what the run wrote.
+    let path = out.join("report.csv");
+    let path = path.to_str().unwrap();
+    let a = report(&["--agree", path, path]);
+    let said = String::from_utf8_lossy(&a.stdout);
+    assert!(a.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("medians over the limit: 0 of {}", (7 + 6) * 2)),
+        "{said}"
+    );
+    let bad = report(&["--agree", path]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("takes two report.csv paths"));
     std::fs::remove_dir_all(out).unwrap();
 }
 

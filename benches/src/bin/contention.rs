@@ -342,6 +342,19 @@ fn heap_pages(huge: bool) -> String {
     }
 }
 
+/// `--agree A.csv B.csv`: do two runs' reports agree (see [`probe_benches::agree`])?
+fn agree(args: &[String]) -> Result<(), String> {
+    let [a, b] = args else {
+        return Err("takes two report.csv paths".into());
+    };
+    let read = |p: &String| std::fs::read_to_string(p).map_err(|e| format!("{p}: {e}"));
+    print!(
+        "{}",
+        probe_benches::agree::compare(a, &read(a)?, b, &read(b)?)?
+    );
+    Ok(())
+}
+
 /// A mode of the binary other than the report: its arguments after the flag.
 type Mode = fn(&[String]) -> Result<(), String>;
 
@@ -353,6 +366,7 @@ fn main() {
         Some("--stores-one") => Some(("--stores-one", stores_one)),
         Some("--shared-stores") => Some(("--shared-stores", |_| shared_stores())),
         Some("--instructions") => Some(("--instructions", instructions)),
+        Some("--agree") => Some(("--agree", agree)),
         _ => None,
     };
     if let Some((flag, run)) = mode {
