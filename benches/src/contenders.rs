@@ -36,9 +36,8 @@ use probe_core::registry::Registry;
 use probe_core::testing::{ByteText, Int3};
 use probe_core::uprobes::{Hit, Uprobes};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The spinlock every spinning contender uses: test-and-test-and-set, yielding when held.
 pub type Spin = SpinLock<YieldRelax>;
@@ -67,6 +66,13 @@ pub trait Contender: Sync {
     /// private copies do not see churn).
     fn sees_churn(&self) -> bool {
         true
+    }
+    /// Runs one grace period of this contender's RCU domain and its callbacks, if the domain
+    /// needs someone to (one that does not run its own); `false` if it never does. The report
+    /// calls it every [`GRACE_PERIOD_EVERY`] from a thread of its own, as a kernel's grace-period
+    /// kthread runs `call_rcu` callbacks: the churn writers never wait for readers.
+    fn grace_period(&self) -> bool {
+        false
     }
 }
 
@@ -116,34 +122,22 @@ fn call_all(cs: &[Arc<Consumer>], regs: &mut Regs) {
 pub trait CoreRcu: Rcu + Sized + 'static {
     /// The contender's name in the report.
     const NAME: &'static str;
-    /// Whether the domain runs deferred callbacks by itself; if not, the churn writers run
-    /// grace periods ([`GracePeriods`]).
+    /// Whether the domain runs deferred callbacks by itself; if not, the report runs its grace
+    /// periods from a thread of their own ([`Contender::grace_period`]).
     const RUNS_OWN_CALLBACKS: bool;
     /// A fresh domain.
     fn make() -> Self;
-    /// One attempt at a grace period that gives up rather than wait for a preempted reader;
-    /// whether it completed. Only called when `RUNS_OWN_CALLBACKS` is false.
-    fn try_grace_period(&self) -> bool;
 }
-
-/// Polls of a reader's slot a writer's grace-period attempt waits before it gives up (about
-/// ten microseconds: far longer than a hit, far shorter than a preempted reader's wait).
-pub const GRACE_PERIOD_PATIENCE: u32 = 256;
-
-/// How soon after a grace-period attempt that gave up the writers try again.
-pub const GRACE_PERIOD_RETRY: Duration = Duration::from_millis(1);
 
 /// The domain probe-core's process embedding runs its hit path over
 /// ([`probe_process::live::hit_rcu`]): a slot per reader, the reader's fence a compiler fence,
-/// a grace period one `membarrier(PRIVATE_EXPEDITED)` and a scan of the slots.
+/// a grace period one `membarrier(PRIVATE_EXPEDITED)` and a scan of the slots (yielding to a
+/// reader preempted inside its section).
 impl CoreRcu for SlotRcu {
     const NAME: &'static str = crate::report::PROBE_CORE;
     const RUNS_OWN_CALLBACKS: bool = false;
     fn make() -> Self {
         probe_process::live::hit_rcu()
-    }
-    fn try_grace_period(&self) -> bool {
-        self.try_synchronize(GRACE_PERIOD_PATIENCE)
     }
 }
 
@@ -156,71 +150,16 @@ impl CoreRcu for EpochRcu {
     fn make() -> Self {
         EpochRcu::with_relax(std::thread::yield_now)
     }
-    fn try_grace_period(&self) -> bool {
-        // Never called: crossbeam advances its epoch and runs callbacks by itself.
-        true
-    }
 }
 
-/// How often the churn writers run a grace period of a domain that does not run its own
-/// callbacks: every write's callbacks wait for the next one, as a kernel's `call_rcu` callbacks
-/// wait for the grace period in progress (tens of milliseconds on a loaded kernel).
+/// How often the report's grace-period thread runs a grace period of a domain that does not run
+/// its own callbacks: every write's callbacks wait for the next one, as a kernel's `call_rcu`
+/// callbacks wait for the grace period in progress (tens of milliseconds on a loaded kernel).
 pub const GRACE_PERIOD_EVERY: Duration = Duration::from_millis(20);
-
-/// The churn writers' grace periods: after a write, whichever writer finds the last grace
-/// period [`GRACE_PERIOD_EVERY`] old attempts the next one (`SlotRcu::try_synchronize`,
-/// which runs every callback queued before it, or gives up on a reader preempted inside its
-/// section and leaves them for the next write's attempt). A writer never blocks behind a
-/// preempted hitter, so it keeps its rate when hitters outnumber CPUs; the attempt's cost on
-/// the hitters (the barrier interrupt, the CPU the writer takes) is in the measured window.
-pub struct GracePeriods {
-    base: Instant,
-    /// Nanoseconds after `base` of the last grace period's start.
-    last: AtomicU64,
-}
-
-impl GracePeriods {
-    fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            last: AtomicU64::new(0),
-        }
-    }
-
-    /// After a write to a structure over `rcu`.
-    fn after_write<R: CoreRcu>(&self, rcu: &R) {
-        if R::RUNS_OWN_CALLBACKS {
-            return;
-        }
-        let now = self.base.elapsed().as_nanos() as u64;
-        // Relaxed: a pacing decision; the claim below is what makes it one writer's.
-        let last = self.last.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < GRACE_PERIOD_EVERY.as_nanos() as u64 {
-            return;
-        }
-        // Relaxed: only decides which writer runs this grace period; `synchronize` orders the
-        // callbacks itself.
-        if self
-            .last
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-            && !rcu.try_grace_period()
-        {
-            // Gave up: the next write after GRACE_PERIOD_RETRY tries again (each attempt costs
-            // a barrier). Relaxed: as above.
-            let retry = GRACE_PERIOD_EVERY.saturating_sub(GRACE_PERIOD_RETRY);
-            self.last.store(
-                now.saturating_sub(retry.as_nanos() as u64),
-                Ordering::Relaxed,
-            );
-        }
-    }
-}
 
 /// probe-core's registry over the RCU domain `R`.
 pub struct CoreLookup<R: CoreRcu> {
     reg: Registry<Consumer, R, Spin>,
-    gp: GracePeriods,
 }
 
 impl<R: CoreRcu> CoreLookup<R> {
@@ -231,10 +170,7 @@ impl<R: CoreRcu> CoreLookup<R> {
             reg.register(t.key, c.clone()).expect("register");
         }
         reg.rcu().synchronize();
-        Self {
-            reg,
-            gp: GracePeriods::new(),
-        }
+        Self { reg }
     }
 }
 
@@ -255,11 +191,16 @@ impl<R: CoreRcu> Contender for CoreLookup<R> {
     }
     fn register(&self, t: &Target, c: &Arc<Consumer>) {
         self.reg.register(t.key, c.clone()).expect("register");
-        self.gp.after_write(self.reg.rcu());
     }
     fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
         self.reg.unregister(&t.key, c).expect("unregister");
-        self.gp.after_write(self.reg.rcu());
+    }
+    fn grace_period(&self) -> bool {
+        if R::RUNS_OWN_CALLBACKS {
+            return false;
+        }
+        self.reg.rcu().synchronize();
+        true
     }
 }
 
@@ -615,7 +556,6 @@ type CoreU<R> = Uprobes<Consumer, R, Int3, ByteText<Spin>, Spin>;
 pub struct CoreResolve<R: CoreRcu> {
     u: CoreU<R>,
     mm: Arc<AddressSpace<Spin>>,
-    gp: GracePeriods,
 }
 
 impl<R: CoreRcu> CoreResolve<R> {
@@ -646,11 +586,7 @@ impl<R: CoreRcu> CoreResolve<R> {
             u.register(t.key, c.clone()).expect("register");
         }
         u.registry().rcu().synchronize();
-        Self {
-            u,
-            mm,
-            gp: GracePeriods::new(),
-        }
+        Self { u, mm }
     }
 }
 
@@ -671,11 +607,9 @@ impl<R: CoreRcu> Contender for CoreResolve<R> {
     }
     fn register(&self, t: &Target, c: &Arc<Consumer>) {
         self.u.register(t.key, c.clone()).expect("register");
-        self.gp.after_write(self.u.registry().rcu());
     }
     fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
         self.u.unregister(&t.key, c).expect("unregister");
-        self.gp.after_write(self.u.registry().rcu());
     }
     fn map(&self, m: &Mapping) {
         self.u
@@ -688,13 +622,18 @@ impl<R: CoreRcu> Contender for CoreResolve<R> {
                 VmFlags::EXEC,
             )
             .expect("mmap");
-        self.gp.after_write(self.u.registry().rcu());
     }
     fn unmap(&self, m: &Mapping) {
         self.u
             .munmap(&self.mm, m.start, m.end - m.start)
             .expect("munmap");
-        self.gp.after_write(self.u.registry().rcu());
+    }
+    fn grace_period(&self) -> bool {
+        if R::RUNS_OWN_CALLBACKS {
+            return false;
+        }
+        self.u.registry().rcu().synchronize();
+        true
     }
 }
 
@@ -987,6 +926,28 @@ mod tests {
         same_answers(&RwLockResolve::new(&w, &p), &w, &p);
         same_answers(&SeqLockResolve::new(&w, &p), &w, &p);
         same_answers(&CeilingResolve::new(&w, &p), &w, &p);
+    }
+
+    #[test]
+    fn grace_periods_run_where_the_domain_needs_them() {
+        // SlotRcu runs callbacks only in a grace period: the report's grace-period thread runs
+        // them (and a churn probe's old consumer list is freed). crossbeam runs its own.
+        let w = Workload::new(1000, 1);
+        let p = Probes::new(&w);
+        let slot = CoreLookup::<SlotRcu>::new(&p);
+        let (t, k) = (&w.churn[0], &p.churn[0]);
+        slot.register(t, k);
+        let before = Arc::strong_count(k);
+        slot.unregister(t, k);
+        assert!(slot.grace_period());
+        assert!(
+            Arc::strong_count(k) < before,
+            "the grace period ran no callback"
+        );
+        assert!(CoreResolve::<SlotRcu>::new(&w, &p).grace_period());
+        assert!(!CoreLookup::<EpochRcu>::new(&p).grace_period());
+        assert!(!CoreResolve::<EpochRcu>::new(&w, &p).grace_period());
+        assert!(!CeilingLookup::new(&p).grace_period());
     }
 
     #[test]

@@ -100,6 +100,10 @@ impl Row {
     pub fn mm_churn(&self) -> f64 {
         median(self.samples.iter().map(|s| s.mm_churn_per_s).collect())
     }
+    /// Median grace periods per second the grace-period thread completed.
+    pub fn grace_periods(&self) -> f64 {
+        median(self.samples.iter().map(|s| s.grace_periods_per_s).collect())
+    }
 }
 
 /// `a`'s hits/s over `b`'s, *paired by round*: the median over rounds of the ratio of the two
@@ -234,7 +238,8 @@ impl Results {
                 let _ = write!(s, "{name:<30}");
                 let mut effs = Vec::new();
                 // The slowest writer over the thread counts: one that cannot keep up shows.
-                let (mut reg_min, mut mm_min) = (f64::INFINITY, f64::INFINITY);
+                let (mut reg_min, mut mm_min, mut gp_min) =
+                    (f64::INFINITY, f64::INFINITY, f64::INFINITY);
                 let mut wcpu: f64 = 0.0;
                 for &n in &threads {
                     match self.find(t, probes, n, name) {
@@ -255,6 +260,7 @@ impl Results {
                             }
                             reg_min = reg_min.min(r.churn());
                             mm_min = mm_min.min(r.mm_churn());
+                            gp_min = gp_min.min(r.grace_periods());
                         }
                         None => {
                             let _ = write!(s, "| {:>25} ", "-");
@@ -271,10 +277,13 @@ impl Results {
                     }
                 );
                 let _ = write!(s, "| {:>10} ", format!("{:.0}%", wcpu * 100.0));
-                let churn = match t {
+                let mut churn = match t {
                     Table::Lookup => format!("{reg_min:.0}"),
                     Table::Resolve => format!("{reg_min:.0} reg, {mm_min:.0} mm"),
                 };
+                if gp_min.is_finite() && gp_min > 0.0 {
+                    let _ = write!(churn, ", {gp_min:.0} gp");
+                }
                 let _ = writeln!(s, "| {churn}");
             }
         }
@@ -291,7 +300,8 @@ impl Results {
              CSV has the hitters' own, hitter_cpu).\n\
              churn/s achieved: (un)registrations and maps+unmaps per second the writers managed in\n\
              the measured windows, the lowest over the thread counts (a writer that cannot keep up\n\
-             shows here).",
+             shows here); gp: grace periods per second of a domain that does not run its own\n\
+             callbacks, run every 20 ms by a thread of their own (its CPU is in writer CPU).",
             self.cores
         );
         s
@@ -389,14 +399,14 @@ impl Results {
         let mut s = String::from(
             "table,probes,threads,cores,implementation,hits_per_s_median,hits_per_s_min,hits_per_s_max,\
              spread_iqr,ratio_to_ceiling,scaling_efficiency,churn_per_s,mm_churn_per_s,writer_cpu,\
-             hitter_cpu,rounds\n",
+             hitter_cpu,grace_periods_per_s,rounds\n",
         );
         for r in &self.rows {
             let (lo, hi) = r.spread();
             let opt = |x: Option<f64>| x.map_or(String::new(), |x| format!("{x:.4}"));
             let _ = writeln!(
                 s,
-                "{},{},{},{},{},{:.0},{:.0},{:.0},{:.4},{},{},{:.0},{:.0},{:.3},{:.3},{}",
+                "{},{},{},{},{},{:.0},{:.0},{:.0},{:.4},{},{},{:.0},{:.0},{:.3},{:.3},{:.1},{}",
                 r.table.name(),
                 r.probes,
                 r.threads,
@@ -412,6 +422,7 @@ impl Results {
                 r.mm_churn(),
                 r.writer_cpu(),
                 r.hitter_cpu(),
+                r.grace_periods(),
                 r.samples.len()
             );
         }

@@ -9,7 +9,7 @@
 //! After joining, every thread's registers are checked: one consumer call per hit, each with the
 //! tag of the probe the stream named — a contender that skipped or misfound a hit fails the run.
 
-use crate::contenders::{Contender, Probes};
+use crate::contenders::{Contender, GRACE_PERIOD_EVERY, Probes};
 use crate::workload::{Regs, Target, Workload};
 use probe_core::lock::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +45,9 @@ pub struct Sample {
     pub writer_cpu: f64,
     /// CPU seconds the hitting threads got per second of the window.
     pub hitter_cpu: f64,
+    /// Grace periods per second the grace-period thread completed during the window (0 for a
+    /// contender whose domain runs its own callbacks, or that has none).
+    pub grace_periods_per_s: f64,
 }
 
 /// CPU time a running thread has used so far, in seconds (its `pthread_getcpuclockid` clock);
@@ -86,7 +89,8 @@ pub fn measure<C: Contender>(
     let stop = AtomicBool::new(false);
     // Each thread's pthread id, for its CPU clock (hitters, then the two writers).
     let hitter_ids: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
-    let writer_ids = [AtomicU64::new(0), AtomicU64::new(0)];
+    let writer_ids = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    let grace_periods = CachePadded::new(AtomicU64::new(0));
     let snapshot = |counts: &[CachePadded<AtomicU64>]| -> u64 {
         // Relaxed: a count is a statistic; exactness comes from the checks after joining.
         counts.iter().map(|n| n.load(Ordering::Relaxed)).sum()
@@ -135,6 +139,33 @@ pub fn measure<C: Contender>(
                 })
             }),
         ];
+        // The grace periods of a domain that does not run its own callbacks, from a thread of
+        // their own (a kernel's grace-period kthread): the writers only queue callbacks and
+        // never wait for a reader, and the barrier's cost on the hitters and this thread's CPU
+        // (counted with the writers') are inside the window.
+        let grace = {
+            let (done, stop, id) = (&grace_periods, &stop, &writer_ids[2]);
+            s.spawn(move || {
+                // Relaxed: see `cpu`.
+                // SAFETY: pthread_self has no preconditions.
+                id.store(unsafe { libc::pthread_self() } as u64, Ordering::Relaxed);
+                let mut next = Instant::now() + GRACE_PERIOD_EVERY;
+                // Relaxed: see `measure`.
+                while !stop.load(Ordering::Relaxed) {
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::sleep((next - now).min(Duration::from_millis(5)));
+                        continue;
+                    }
+                    if !c.grace_period() {
+                        return;
+                    }
+                    next = Instant::now() + GRACE_PERIOD_EVERY;
+                    // Relaxed: a statistic for `measure`.
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
         // Relaxed: each thread's own id, stored at its start, long before the warm-up ends (a
         // thread not started yet reads as 0 and counts nothing).
         let cpu = |ids: &[AtomicU64]| {
@@ -146,17 +177,19 @@ pub fn measure<C: Contender>(
         };
         std::thread::sleep(win.warmup);
         let (wcpu0, hcpu0) = (cpu(&writer_ids), cpu(&hitter_ids));
-        let (h0, c0, m0, t0) = (
+        let (h0, c0, m0, g0, t0) = (
             snapshot(&counts),
             churned.load(Ordering::Relaxed),
             mm_churned.load(Ordering::Relaxed),
+            grace_periods.load(Ordering::Relaxed),
             Instant::now(),
         );
         std::thread::sleep(win.measure);
-        let (h1, c1, m1, dt) = (
+        let (h1, c1, m1, g1, dt) = (
             snapshot(&counts),
             churned.load(Ordering::Relaxed),
             mm_churned.load(Ordering::Relaxed),
+            grace_periods.load(Ordering::Relaxed),
             t0.elapsed().as_secs_f64(),
         );
         let (wcpu1, hcpu1) = (cpu(&writer_ids), cpu(&hitter_ids));
@@ -181,12 +214,14 @@ pub fn measure<C: Contender>(
         for wr in writers.into_iter().flatten() {
             wr.join().expect("churn thread panicked");
         }
+        grace.join().expect("grace-period thread panicked");
         Sample {
             hits_per_s: (h1 - h0) as f64 / dt,
             churn_per_s: (c1 - c0) as f64 / dt,
             mm_churn_per_s: (m1 - m0) as f64 / dt,
             writer_cpu: (wcpu1 - wcpu0) / dt,
             hitter_cpu: (hcpu1 - hcpu0) / dt,
+            grace_periods_per_s: (g1 - g0) as f64 / dt,
         }
     })
 }
