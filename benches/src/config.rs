@@ -63,7 +63,8 @@ flags (each takes a value, as `--flag value` or `--flag=value`):
   --duration TIME   measured window per point and round, e.g. 100ms or 1s   (default: 100ms)
   --warmup TIME     unmeasured run before each window   (default: 30ms)
   --repeats N       rounds: windows per point, every implementation once per round in a
-                    rotated order; the median and spread are reported   (default: 15)
+                    rotated order; the median and spread are reported   (default: 45: with
+                    fewer, two runs' paired ratios disagree by more than 10% on more rows)
   --churn N         probe registrations+unregistrations per second, 0 for none   (default: 1000)
   --mm-churn N      maps+unmaps per second (resolve table), 0 for none   (default: 1000)
   --only TABLE      lookup or resolve   (default: both)
@@ -90,7 +91,7 @@ impl Config {
             probes: vec![1_000, 100_000],
             duration: Duration::from_millis(100),
             warmup: Duration::from_millis(30),
-            repeats: 15,
+            repeats: 45,
             churn: 1000,
             mm_churn: 1000,
             tables: vec![Table::Lookup, Table::Resolve],
