@@ -360,16 +360,22 @@ proptest! {
     }
 }
 
-/// Invariant 1 for the whole speculative hit: address-space speculation, probe lookup and
-/// consumer traversal write no shared memory (every store/RMW through the facade is logged).
-#[test]
-fn speculative_resolve_writes_no_shared_memory() {
+/// Object 1 mapped executable over the first four pages of address space 1.
+fn one_object_mapped() -> (U, Arc<crate::mm::AddressSpace>) {
     let text = ByteText::new();
     text.add_object(ObjectId(1), object_bytes(1));
     let u: U = Uprobes::new(SlotRcu::new(), text);
     let mm = u.create_mm(MmId(1)).unwrap();
     u.mmap(&mm, 0, 4 * P, 0, ObjectId(1), VmFlags::EXEC)
         .unwrap();
+    (u, mm)
+}
+
+/// Invariant 1 for the whole speculative hit: address-space speculation, probe lookup and
+/// consumer traversal write no shared memory (every store/RMW through the facade is logged).
+#[test]
+fn speculative_resolve_writes_no_shared_memory() {
+    let (u, mm) = one_object_mapped();
     let (c, _) = counting();
     for off in [0, 1, P + 3, 2 * P] {
         u.register(ProbeKey::new(ObjectId(1), off), c.clone())
@@ -529,12 +535,7 @@ unsafe impl crate::mm::AddressSpaceOps for RacedMm {
 #[test]
 fn a_raced_speculation_is_retried_before_the_lock() {
     use crate::uprobes::{Path, SPECULATION_RETRIES};
-    let text = ByteText::new();
-    text.add_object(ObjectId(1), object_bytes(1));
-    let u: U = Uprobes::new(SlotRcu::new(), text);
-    let mm = u.create_mm(MmId(1)).unwrap();
-    u.mmap(&mm, 0, 4 * P, 0, ObjectId(1), VmFlags::EXEC)
-        .unwrap();
+    let (u, mm) = one_object_mapped();
     let (c, _) = counting();
     u.register(ProbeKey::new(ObjectId(1), P + 3), c).unwrap();
     let reader = u.registry().rcu().register().unwrap();
