@@ -3,7 +3,9 @@
 //! Each hitting thread walks its own stream of targets (the same stream for every contender) in
 //! chunks of [`CHUNK`] hits, publishing its running count after each chunk in its own padded
 //! slot. Two writer threads pace registrations/unregistrations and maps/unmaps to the requested
-//! rates (each as many as it can when it falls behind; the report shows what they achieved). The main
+//! rates (each as many as it can when it falls behind; the report shows what they achieved), and
+//! for a contender whose RCU domain does not run its own callbacks a third thread runs a grace
+//! period every [`GRACE_PERIOD_EVERY`], so the writers never wait for a reader. The main
 //! thread lets everything run for the warm-up, snapshots the counts, sleeps the measured window,
 //! snapshots again and stops everyone: hits/s is the difference over the measured time only.
 //! After joining, every thread's registers are checked: one consumer call per hit, each with the
@@ -87,7 +89,8 @@ pub fn measure<C: Contender>(
     let churned = CachePadded::new(AtomicU64::new(0));
     let mm_churned = CachePadded::new(AtomicU64::new(0));
     let stop = AtomicBool::new(false);
-    // Each thread's pthread id, for its CPU clock (hitters, then the two writers).
+    // Each thread's pthread id, for its CPU clock (hitters; the two writers and the grace-period
+    // thread).
     let hitter_ids: Vec<AtomicU64> = (0..threads).map(|_| AtomicU64::new(0)).collect();
     let writer_ids = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
     let grace_periods = CachePadded::new(AtomicU64::new(0));
