@@ -67,13 +67,16 @@ pub trait Contender: Sync {
     fn sees_churn(&self) -> bool {
         true
     }
-    /// Runs one grace period of this contender's RCU domain and its callbacks, if the domain
-    /// needs someone to (one that does not run its own); `false` if it never does. The report
-    /// calls it every [`GRACE_PERIOD_EVERY`] from a thread of its own, as a kernel's grace-period
-    /// kthread runs `call_rcu` callbacks: the churn writers never wait for readers.
-    fn grace_period(&self) -> bool {
+    /// Whether this contender's RCU domain needs someone to run its grace periods (one that
+    /// does not run its own callbacks). The report then calls [`Contender::grace_period`] every
+    /// [`GRACE_PERIOD_EVERY`] from a thread of its own, as a kernel's grace-period kthread runs
+    /// `call_rcu` callbacks: the churn writers never wait for readers.
+    fn needs_grace_periods(&self) -> bool {
         false
     }
+    /// Runs one grace period of this contender's RCU domain and the callbacks queued before it
+    /// (only called when [`Contender::needs_grace_periods`]).
+    fn grace_period(&self) {}
 }
 
 /// The hit probes of a workload with their consumers.
@@ -195,12 +198,11 @@ impl<R: CoreRcu> Contender for CoreLookup<R> {
     fn unregister(&self, t: &Target, c: &Arc<Consumer>) {
         self.reg.unregister(&t.key, c).expect("unregister");
     }
-    fn grace_period(&self) -> bool {
-        if R::RUNS_OWN_CALLBACKS {
-            return false;
-        }
+    fn needs_grace_periods(&self) -> bool {
+        !R::RUNS_OWN_CALLBACKS
+    }
+    fn grace_period(&self) {
         self.reg.rcu().synchronize();
-        true
     }
 }
 
@@ -628,12 +630,11 @@ impl<R: CoreRcu> Contender for CoreResolve<R> {
             .munmap(&self.mm, m.start, m.end - m.start)
             .expect("munmap");
     }
-    fn grace_period(&self) -> bool {
-        if R::RUNS_OWN_CALLBACKS {
-            return false;
-        }
+    fn needs_grace_periods(&self) -> bool {
+        !R::RUNS_OWN_CALLBACKS
+    }
+    fn grace_period(&self) {
         self.u.registry().rcu().synchronize();
-        true
     }
 }
 
@@ -939,15 +940,16 @@ mod tests {
         slot.register(t, k);
         let before = Arc::strong_count(k);
         slot.unregister(t, k);
-        assert!(slot.grace_period());
+        assert!(slot.needs_grace_periods());
+        slot.grace_period();
         assert!(
             Arc::strong_count(k) < before,
             "the grace period ran no callback"
         );
-        assert!(CoreResolve::<SlotRcu>::new(&w, &p).grace_period());
-        assert!(!CoreLookup::<EpochRcu>::new(&p).grace_period());
-        assert!(!CoreResolve::<EpochRcu>::new(&w, &p).grace_period());
-        assert!(!CeilingLookup::new(&p).grace_period());
+        assert!(CoreResolve::<SlotRcu>::new(&w, &p).needs_grace_periods());
+        assert!(!CoreLookup::<EpochRcu>::new(&p).needs_grace_periods());
+        assert!(!CoreResolve::<EpochRcu>::new(&w, &p).needs_grace_periods());
+        assert!(!CeilingLookup::new(&p).needs_grace_periods());
     }
 
     #[test]

@@ -146,7 +146,7 @@ pub fn measure<C: Contender>(
         // their own (a kernel's grace-period kthread): the writers only queue callbacks and
         // never wait for a reader, and the barrier's cost on the hitters and this thread's CPU
         // (counted with the writers') are inside the window.
-        let grace = {
+        let grace = c.needs_grace_periods().then(|| {
             let (done, stop, id) = (&grace_periods, &stop, &writer_ids[2]);
             s.spawn(move || {
                 // Relaxed: see `cpu`.
@@ -160,15 +160,13 @@ pub fn measure<C: Contender>(
                         std::thread::sleep((next - now).min(Duration::from_millis(5)));
                         continue;
                     }
-                    if !c.grace_period() {
-                        return;
-                    }
+                    c.grace_period();
                     next = Instant::now() + GRACE_PERIOD_EVERY;
                     // Relaxed: a statistic for `measure`.
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
-        };
+        });
         // Relaxed: each thread's own id, stored at its start, long before the warm-up ends (a
         // thread not started yet reads as 0 and counts nothing).
         let cpu = |ids: &[AtomicU64]| {
@@ -217,7 +215,9 @@ pub fn measure<C: Contender>(
         for wr in writers.into_iter().flatten() {
             wr.join().expect("churn thread panicked");
         }
-        grace.join().expect("grace-period thread panicked");
+        if let Some(g) = grace {
+            g.join().expect("grace-period thread panicked");
+        }
         Sample {
             hits_per_s: (h1 - h0) as f64 / dt,
             churn_per_s: (c1 - c0) as f64 / dt,
