@@ -97,6 +97,67 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Inserting a key and removing it again never leaves the tree taller than it was, however
+    /// the tree was built (the removal merges what the insert split).
+    #[test]
+    fn an_insert_and_its_removal_leave_the_tree_no_taller(
+        keys in proptest::collection::vec(0u64..5000, 1..800),
+        extra in proptest::collection::vec(0u64..5000, 1..20),
+    ) {
+        let rcu = SlotRcu::new();
+        let tree: crate::tree::CowTree<u64, u64> = crate::tree::CowTree::new();
+        // SAFETY: single-threaded test: the only writer and the only reader.
+        unsafe {
+            for &k in &keys {
+                tree.insert(&rcu, k, fake(k)).unwrap();
+            }
+            for &k in &extra {
+                if tree.get(&k).is_some() {
+                    continue;
+                }
+                let (h, n) = (tree.height(), tree.check());
+                tree.insert(&rcu, k, fake(k)).unwrap();
+                prop_assert_eq!(tree.remove(&rcu, &k).unwrap(), Some(fake(k)));
+                prop_assert!(tree.height() <= h, "height {} -> {}", h, tree.height());
+                prop_assert_eq!(tree.check(), n);
+            }
+        }
+        rcu.synchronize();
+    }
+}
+
+/// The shape the address-space churn of the contention report makes: one full leaf (16
+/// mappings), one more mapped in the middle and unmapped again. The tree is one leaf again.
+#[test]
+fn a_full_leaf_split_by_an_insert_is_merged_by_its_removal() {
+    let rcu = SlotRcu::new();
+    let tree: crate::tree::CowTree<u64, u64> = crate::tree::CowTree::new();
+    // SAFETY: single-threaded test: the only writer and the only reader.
+    unsafe {
+        for i in 0..16u64 {
+            tree.insert(&rcu, i * 10, fake(i)).unwrap();
+        }
+        assert_eq!(tree.height(), 1);
+        for round in 0..3 {
+            tree.insert(&rcu, 75, fake(99)).unwrap();
+            assert_eq!(
+                tree.height(),
+                2,
+                "round {round}: 17 entries need two levels"
+            );
+            tree.remove(&rcu, &75).unwrap();
+            assert_eq!(
+                tree.height(),
+                1,
+                "round {round}: the removal left the split"
+            );
+            assert_eq!(tree.check(), 16);
+        }
+    }
+    rcu.synchronize();
+}
+
 #[test]
 fn tree_height_stays_logarithmic() {
     let rcu = SlotRcu::new();

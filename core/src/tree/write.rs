@@ -361,13 +361,43 @@ impl<K: TreeKey, V: 'static> CowTree<K, V> {
             }
             Some(c) => {
                 nb.ptrs[i] = c as *const ();
-                // SAFETY: `c` is fresh and ours.
-                if unsafe { body(c) }.len < NODE_MIN && nb.len > 1 {
-                    Self::rebalance(bld, &mut nb, if i > 0 { i - 1 } else { 0 })?;
+                if let Some(li) = Self::merge_partner(&nb, i) {
+                    Self::rebalance(bld, &mut nb, li)?;
                 }
             }
         }
         Ok(Some(Some(bld.node(nb)?)))
+    }
+
+    /// Which pair of children of `parent` to [`rebalance`](Self::rebalance) after a removal made
+    /// child `i` smaller: `Some(li)` for children `li` and `li + 1`.
+    ///
+    /// Child `i` is merged with a sibling whenever their entries fit in one node — not only
+    /// when it falls below [`NODE_MIN`]. With the minimum alone, an insert that split a full
+    /// node and the removal of the same key leave two half-full nodes where there was one,
+    /// and a tree whose root was that node one level taller for good: a process that maps and
+    /// unmaps one library leaves its 16-mapping VMA index two levels deep, and every hit pays
+    /// the extra dependent load and the mispredicted exit of one more node's scan. Merging
+    /// whenever the pair fits undoes the split, and the root that is left with one child
+    /// collapses ([`Batch::remove`]). A child below the minimum with no sibling it fits with is
+    /// refilled from its left sibling (the right one for child 0).
+    fn merge_partner(parent: &Body<K, V>, i: usize) -> Option<usize> {
+        if parent.len < 2 {
+            return None;
+        }
+        // SAFETY: children of a node under construction are fresh nodes of this batch or nodes
+        // reachable from the current root, and the caller holds the write lock.
+        let len = |j: usize| unsafe { body(parent.ptrs[j] as *const Node<K, V>) }.len;
+        let own = len(i);
+        if i > 0 && own + len(i - 1) <= B {
+            Some(i - 1)
+        } else if i + 1 < parent.len && own + len(i + 1) <= B {
+            Some(i)
+        } else if own < NODE_MIN {
+            Some(i.saturating_sub(1))
+        } else {
+            None
+        }
     }
 
     /// Merges children `li` and `li + 1` of `parent` into one node, or redistributes them into two
