@@ -33,8 +33,8 @@
 //! * INVARIANT: after a removal, a child with fewer than [`NODE_MIN`] entries is merged with or
 //!   refilled from a sibling, so the height stays logarithmic in the number of entries; and a
 //!   child that shrank is merged with a sibling whenever their entries fit in one node, so the
-//!   removal of a key undoes the split its insert made (the tree is not left taller by an
-//!   insert and the removal of the same key).
+//!   removal of a key undoes the split its insert made (an insert followed by the removal of
+//!   the same key never leaves the tree taller).
 //! * The tree does not own its values: it stores `*const V` and never dereferences them — except
 //!   through the hot-word hook of a tree made by [`CowTree::with_hot`], under the write lock.
 //! * INVARIANT (hot words): each leaf entry has one atomic *hot word* beside it, outside the

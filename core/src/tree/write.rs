@@ -377,7 +377,7 @@ impl<K: TreeKey, V: 'static> CowTree<K, V> {
     /// node and the removal of the same key leave two half-full nodes where there was one,
     /// and a tree whose root was that node one level taller for good: a process that maps and
     /// unmaps one library leaves its 16-mapping VMA index two levels deep, and every hit pays
-    /// the extra dependent load and the mispredicted exit of one more node's scan. Merging
+    /// the extra dependent load and one more node's search. Merging
     /// whenever the pair fits undoes the split, and the root that is left with one child
     /// collapses ([`Batch::remove`]). A child below the minimum with no sibling it fits with is
     /// refilled from its left sibling (the right one for child 0).
